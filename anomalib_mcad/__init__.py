@@ -2,21 +2,32 @@
 
 Importing this package registers nothing in anomalib: ``anomalib.models.get_model`` keeps
 returning anomalib's own models. Use the class paths (``anomalib_mcad.Dinomaly``) or
-:func:`anomalib_mcad.get_model`.
+:func:`anomalib_mcad.get_model`. Public names are imported lazily so that
+``import anomalib_mcad`` stays cheap and sub-packages can be used on their own.
 """
 
-from anomalib_mcad.data import MultiClassDataModule, generate_synthetic_dataset
-from anomalib_mcad.metrics import PerCategoryMetrics
-from anomalib_mcad.models import Dinomaly, get_model, list_models
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Dinomaly",
-    "MultiClassDataModule",
-    "PerCategoryMetrics",
-    "__version__",
-    "generate_synthetic_dataset",
-    "get_model",
-    "list_models",
-]
+_PUBLIC = {
+    "Dinomaly": "anomalib_mcad.models",
+    "get_model": "anomalib_mcad.models",
+    "list_models": "anomalib_mcad.models",
+    "MultiClassDataModule": "anomalib_mcad.data",
+    "generate_synthetic_dataset": "anomalib_mcad.data",
+    "PerCategoryMetrics": "anomalib_mcad.metrics",
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401
+    """Import a public name on first use."""
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    msg = f"module 'anomalib_mcad' has no attribute {name!r}"
+    raise AttributeError(msg)
