@@ -1,0 +1,41 @@
+"""The plugin's models, and lookup by name that leaves anomalib's own registry untouched.
+
+anomalib's ``get_model`` imports only from its own whitelisted modules; we do not widen it.
+:func:`get_model` here resolves our names (``"dinomaly"``, ``"Dinomaly"``, or a class path
+``"anomalib_mcad.Dinomaly"``) to our classes only.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from anomalib.models import AnomalibModule
+
+from anomalib_mcad.models.image.dinomaly import Dinomaly
+
+_MODELS: dict[str, type[AnomalibModule]] = {
+    "dinomaly": Dinomaly,
+}
+
+__all__ = ["Dinomaly", "get_model", "list_models"]
+
+
+def _normalise(name: str) -> str:
+    """``"anomalib_mcad.Dinomaly"``, ``"Dinomaly"``, ``"dinomaly"`` -> ``"dinomaly"``; ``"InpFormer"`` -> ``"inp_former"``."""
+    name = name.rsplit(".", 1)[-1]
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower().replace("-", "_")
+
+
+def list_models() -> list[str]:
+    """Names of the plugin's models, as accepted by :func:`get_model`."""
+    return sorted(_MODELS)
+
+
+def get_model(name: str, **kwargs: Any) -> AnomalibModule:  # noqa: ANN401
+    """Instantiate one of the plugin's models by name with ``kwargs`` as its init arguments."""
+    key = _normalise(name)
+    if key not in _MODELS:
+        msg = f"Unknown anomalib_mcad model '{name}'. Available: {list_models()}"
+        raise ValueError(msg)
+    return _MODELS[key](**kwargs)

@@ -1,0 +1,306 @@
+"""One datamodule for the multi-class (unified) setting: all categories of a dataset at once.
+
+anomalib's image datamodules load one category at a time. :class:`MultiClassDataModule`
+builds each requested category with anomalib's own datamodule (so file layouts, splits and
+masks are read exactly as anomalib reads them), then concatenates them into one training
+set and one test set. Every item and batch carries its category name and index
+(:class:`~anomalib_mcad.data.dataclasses.CategoryImageBatch`), for class-aware models and
+per-category metrics.
+
+Also expressible: a cross-class split (``test_categories`` differ from ``categories``), a
+few-shot training set (``k_shot`` normal images per category) and a k-shot normal support
+set per test category (``support_shots``), as PMAD's and INP-Former's settings need.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from anomalib.data import AnomalibDataModule
+from anomalib.data.datasets.base.image import AnomalibDataset
+from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import Transform
+
+from anomalib_mcad.data.dataclasses import CategoryImageBatch, CategoryImageItem
+
+logger = logging.getLogger(__name__)
+
+#: Short names for anomalib's per-category image datamodules. ``mvtec_layout`` is any folder of
+#: MVTec-AD-layout categories (``<cat>/train/good``, ``<cat>/test/<defect>``,
+#: ``<cat>/ground_truth/<defect>``), read with anomalib's MVTecAD reader.
+DATASETS: dict[str, str] = {
+    "mvtec_ad": "anomalib.data.MVTecAD",
+    "visa": "anomalib.data.Visa",
+    "real_iad": "anomalib.data.RealIAD",
+    "mpdd": "anomalib.data.MPDD",
+    "btech": "anomalib.data.BTech",
+    "mvtec_layout": "anomalib.data.MVTecAD",
+}
+_ALIASES = {"mvtec": "mvtec_ad", "mvtecad": "mvtec_ad", "realiad": "real_iad", "folder": "mvtec_layout"}
+_CATEGORY_MODULES = {
+    "mvtec_ad": "anomalib.data.datasets.image.mvtecad",
+    "visa": "anomalib.data.datasets.image.visa",
+    "real_iad": "anomalib.data.datasets.image.realiad",
+    "mpdd": "anomalib.data.datasets.image.mpdd",
+    "btech": "anomalib.data.datasets.image.btech",
+}
+
+
+def _import(path: str) -> Any:  # noqa: ANN401
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+class MultiClassDataset(AnomalibDataset):
+    """Images of several categories in one dataset; items are :class:`CategoryImageItem`.
+
+    Its ``samples`` frame is the per-category frames stacked, with ``category`` and
+    ``category_index`` columns added, so anomalib's split utilities (``subsample``,
+    ``split_by_label``, ``random_split``) work on it unchanged.
+    """
+
+    def __init__(self, samples: pd.DataFrame, augmentations: Transform | None = None) -> None:
+        super().__init__(augmentations=augmentations)
+        self.samples = samples.reset_index(drop=True)
+
+    @property
+    def categories(self) -> list[str]:
+        """Category names present, in order of first appearance."""
+        return list(dict.fromkeys(self.samples["category"]))
+
+    def __getitem__(self, index: int) -> CategoryImageItem:
+        """Read the image (and mask) as anomalib does, then attach its category."""
+        item = super().__getitem__(index)
+        row = self.samples.iloc[index]
+        fields = {name: getattr(item, name) for name in item.__dataclass_fields__}
+        import torch  # noqa: PLC0415
+
+        return CategoryImageItem(**fields, category=str(row["category"]), category_index=torch.tensor(int(row["category_index"])))
+
+    @property
+    def collate_fn(self) -> Callable:
+        """Collate into :class:`CategoryImageBatch`, keeping the category fields."""
+        return CategoryImageBatch.collate
+
+
+class MultiClassDataModule(AnomalibDataModule):
+    """Train one model on several categories; test on the same or on other categories.
+
+    Args:
+        root: dataset root (the folder that holds the category folders; for VisA the folder
+            with ``VisA_20220922.tar``'s content or the prepared ``visa_pytorch``).
+        dataset: ``mvtec_ad``, ``visa``, ``real_iad``, ``mpdd``, ``btech``, ``mvtec_layout``
+            (any MVTec-layout folder, e.g. the synthetic dataset) or the class path of an
+            anomalib image datamodule that takes ``root`` and ``category``.
+        categories: training categories; ``None`` = all (the dataset's list, or every
+            sub-folder with a ``train`` folder for ``mvtec_layout``).
+        test_categories: test categories; ``None`` = same as ``categories``. Different lists
+            give a cross-class split.
+        k_shot: keep only this many normal training images per training category (few-shot).
+        support_shots: build a support set of this many normal *training* images of each test
+            category (``support_data`` / ``support_dataloader``), e.g. for unseen categories.
+        dataset_kwargs: extra arguments for the wrapped datamodule (e.g. RealIAD's ``resolution``).
+        Other arguments as anomalib's datamodules.
+
+    Raises:
+        FileNotFoundError: the root or a category folder is missing (lists what exists).
+        ValueError: an unknown category or dataset name, or an empty training set.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        dataset: str = "mvtec_layout",
+        categories: Sequence[str] | None = None,
+        test_categories: Sequence[str] | None = None,
+        k_shot: int | None = None,
+        support_shots: int | None = None,
+        train_batch_size: int = 16,
+        eval_batch_size: int = 16,
+        num_workers: int = 4,
+        train_augmentations: Transform | None = None,
+        val_augmentations: Transform | None = None,
+        test_augmentations: Transform | None = None,
+        augmentations: Transform | None = None,
+        test_split_mode: str = "from_dir",
+        test_split_ratio: float = 0.2,
+        val_split_mode: str = "same_as_test",
+        val_split_ratio: float = 0.5,
+        seed: int | None = 0,
+        dataset_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            train_batch_size=train_batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            train_augmentations=train_augmentations,
+            val_augmentations=val_augmentations,
+            test_augmentations=test_augmentations,
+            augmentations=augmentations,
+            test_split_mode=test_split_mode,
+            test_split_ratio=test_split_ratio,
+            val_split_mode=val_split_mode,
+            val_split_ratio=val_split_ratio,
+            seed=seed,
+        )
+        self.root = Path(root).expanduser()
+        self.dataset = _ALIASES.get(dataset, dataset)
+        self.dataset_kwargs = dict(dataset_kwargs or {})
+        if k_shot is not None and k_shot < 1:
+            msg = f"k_shot must be >= 1, got {k_shot}"
+            raise ValueError(msg)
+        if support_shots is not None and support_shots < 1:
+            msg = f"support_shots must be >= 1, got {support_shots}"
+            raise ValueError(msg)
+        self.k_shot = k_shot
+        self.support_shots = support_shots
+        self._requested_train = list(categories) if categories is not None else None
+        self._requested_test = list(test_categories) if test_categories is not None else None
+        self.support_data: MultiClassDataset | None = None
+        train, test = self._resolve_categories()
+        self.train_categories = train
+        self.test_categories = test
+        #: Every category this datamodule knows, training ones first; ``category_index`` indexes it.
+        self.category_names = train + [c for c in test if c not in train]
+        self.category = "multiclass" if train == test else "crossclass"
+
+    # ----------------------------------------------------------------- categories
+    @property
+    def name(self) -> str:
+        """Name used in anomalib's result folders, e.g. ``MultiClass_mvtec_ad``."""
+        return f"MultiClass_{self.dataset.rsplit('.', 1)[-1]}"
+
+    @property
+    def num_train_categories(self) -> int:
+        """Number of training categories (indices ``0 .. n-1`` in ``category_index``)."""
+        return len(self.train_categories)
+
+    def available_categories(self) -> list[str]:
+        """Categories of the dataset that exist under ``root``."""
+        if not self.root.is_dir():
+            msg = f"Dataset root not found: {self.root}"
+            raise FileNotFoundError(msg)
+        on_disk = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        if self.dataset == "visa" and (self.root / "visa_pytorch").is_dir():
+            on_disk = sorted(p.name for p in (self.root / "visa_pytorch").iterdir() if p.is_dir())
+        if self.dataset in _CATEGORY_MODULES:
+            known = list(_import(f"{_CATEGORY_MODULES[self.dataset]}.CATEGORIES"))
+            return [c for c in known if c in on_disk]
+        if self.dataset == "mvtec_layout":
+            return [c for c in on_disk if (self.root / c / "train").is_dir()]
+        return on_disk
+
+    def _resolve_categories(self) -> tuple[list[str], list[str]]:
+        available = self.available_categories()
+        if not available:
+            msg = f"No categories found under {self.root} for dataset '{self.dataset}'"
+            raise FileNotFoundError(msg)
+
+        def check(requested: list[str] | None) -> list[str]:
+            if requested is None:
+                return available
+            unknown = [c for c in requested if c not in available]
+            if unknown:
+                msg = f"Unknown or missing categor{'y' if len(unknown) == 1 else 'ies'} {unknown} under {self.root}. Available: {available}"
+                raise ValueError(msg)
+            if len(set(requested)) != len(requested):
+                msg = f"Categories listed twice: {requested}"
+                raise ValueError(msg)
+            return requested
+
+        train = check(self._requested_train)
+        test = check(self._requested_test) if self._requested_test is not None else list(train)
+        return train, test
+
+    # ----------------------------------------------------------------- building
+    def _category_datamodule(self, category: str) -> AnomalibDataModule:
+        """anomalib's own datamodule for one category, prepared but not downloaded."""
+        cls = _import(DATASETS.get(self.dataset, self.dataset))
+        dm = cls(root=self.root, category=category, num_workers=0, **self.dataset_kwargs)
+        if self.dataset == "visa":
+            dm.prepare_data()  # splits the raw VisA folders into visa_pytorch/ once; the root was checked to exist
+        return dm
+
+    def _frames(self, categories: list[str]) -> tuple[list[pd.DataFrame], list[pd.DataFrame]]:
+        train_frames, test_frames = [], []
+        for category in categories:
+            dm = self._category_datamodule(category)
+            dm._setup()  # noqa: SLF001 - anomalib's documented hook that builds train_data / test_data only
+            index = self.category_names.index(category)
+            for frames, data in ((train_frames, dm.train_data), (test_frames, dm.test_data)):
+                frame = data.samples.copy()
+                frame["category"] = category
+                frame["category_index"] = index
+                frames.append(frame)
+        return train_frames, test_frames
+
+    def _setup(self, _stage: str | None = None) -> None:
+        """Build the concatenated train and test sets (and the support set)."""
+        needed = list(dict.fromkeys(self.train_categories + self.test_categories))
+        train_frames, test_frames = self._frames(needed)
+        by_cat_train = dict(zip(needed, train_frames, strict=True))
+        by_cat_test = dict(zip(needed, test_frames, strict=True))
+        rng = np.random.default_rng(self.seed)
+
+        train = []
+        for category in self.train_categories:
+            frame = by_cat_train[category]
+            frame = frame[frame["label_index"] == 0]
+            if len(frame) == 0:
+                msg = f"Category '{category}' has no normal training images under {self.root / category}"
+                raise ValueError(msg)
+            if self.k_shot is not None:
+                frame = self._pick(frame, self.k_shot, rng, category)
+            train.append(frame)
+        train_samples = pd.concat(train, ignore_index=True)
+        if len(train_samples) == 0:
+            msg = "The training set is empty"
+            raise ValueError(msg)
+        self.train_data = MultiClassDataset(train_samples)
+        self.test_data = MultiClassDataset(pd.concat([by_cat_test[c] for c in self.test_categories], ignore_index=True))
+        if self.support_shots is not None:
+            support = [
+                self._pick(by_cat_train[c][by_cat_train[c]["label_index"] == 0], self.support_shots, rng, c)
+                for c in self.test_categories
+            ]
+            self.support_data = MultiClassDataset(pd.concat(support, ignore_index=True))
+        logger.info(
+            "Multi-class data: %d training images from %s; %d test images from %s",
+            len(self.train_data),
+            self.train_categories,
+            len(self.test_data),
+            self.test_categories,
+        )
+
+    @staticmethod
+    def _pick(frame: pd.DataFrame, k: int, rng: np.random.Generator, category: str) -> pd.DataFrame:
+        if len(frame) < k:
+            msg = f"Category '{category}' has {len(frame)} normal training images, fewer than the {k} shots asked for"
+            raise ValueError(msg)
+        rows = np.sort(rng.choice(len(frame), size=k, replace=False))
+        return frame.iloc[rows]
+
+    def _update_augmentations(self) -> None:
+        super()._update_augmentations()
+        if self.support_data is not None:
+            self.support_data.augmentations = copy.copy(self.train_augmentations)
+
+    def support_dataloader(self) -> DataLoader:
+        """The k-shot normal support set of the test categories (requires ``support_shots``)."""
+        if self.support_data is None:
+            msg = "No support set: create the datamodule with support_shots=k and call setup() first"
+            raise RuntimeError(msg)
+        return DataLoader(
+            self.support_data,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=self.support_data.collate_fn,
+        )
