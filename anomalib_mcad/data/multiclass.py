@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+from dataclasses import fields
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from anomalib.data import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
 from torch.utils.data import DataLoader
@@ -79,10 +81,8 @@ class MultiClassDataset(AnomalibDataset):
         """Read the image (and mask) as anomalib does, then attach its category."""
         item = super().__getitem__(index)
         row = self.samples.iloc[index]
-        fields = {name: getattr(item, name) for name in item.__dataclass_fields__}
-        import torch  # noqa: PLC0415
-
-        return CategoryImageItem(**fields, category=str(row["category"]), category_index=torch.tensor(int(row["category_index"])))
+        values = {f.name: getattr(item, f.name) for f in fields(item)}
+        return CategoryImageItem(**values, category=str(row["category"]), category_index=torch.tensor(int(row["category_index"])))
 
     @property
     def collate_fn(self) -> Callable:
