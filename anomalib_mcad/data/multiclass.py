@@ -107,6 +107,10 @@ class MultiClassDataModule(AnomalibDataModule):
         support_shots: build a support set of this many normal *training* images of each test
             category (``support_data`` / ``support_dataloader``), e.g. for unseen categories.
         dataset_kwargs: extra arguments for the wrapped datamodule (e.g. RealIAD's ``resolution``).
+        val_split_mode, val_split_ratio: the validation set, from which anomalib's
+            post-processor learns its score normalisation and threshold. Default: 10 % of the
+            normal *training* images, so nothing at test time depends on test images or
+            labels (anomalib's own default, ``same_as_test``, uses the test set).
         Other arguments as anomalib's datamodules.
 
     Raises:
@@ -131,8 +135,8 @@ class MultiClassDataModule(AnomalibDataModule):
         augmentations: Transform | None = None,
         test_split_mode: str = "from_dir",
         test_split_ratio: float = 0.2,
-        val_split_mode: str = "same_as_test",
-        val_split_ratio: float = 0.5,
+        val_split_mode: str = "from_train",
+        val_split_ratio: float = 0.1,
         seed: int | None = 0,
         dataset_kwargs: dict[str, Any] | None = None,
     ) -> None:

@@ -1,0 +1,62 @@
+"""``anomalib-mcad``: the plugin's own commands (the demo, dataset generation, model list).
+
+Training, testing and export go through anomalib's CLI with our class paths, e.g.
+``anomalib train --model anomalib_mcad.Dinomaly --data anomalib_mcad.data.MultiClassDataModule``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Sub-commands: ``demo``, ``synth``, ``models``."""
+    parser = argparse.ArgumentParser(prog="anomalib-mcad", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train, test, export and deploy a small Dinomaly on offline synthetic data")
+    demo.add_argument("--output-dir", type=Path, default=Path("demo_output"))
+    demo.add_argument("--steps", type=int, default=300, help="training iterations")
+    demo.add_argument("--encoder", default="vit_small_patch14_reg4_dinov2")
+    demo.add_argument("--image-size", type=int, default=128)
+    demo.add_argument("--crop-size", type=int, default=112)
+    demo.add_argument("--batch-size", type=int, default=8)
+
+    synth = sub.add_parser("synth", help="write the offline synthetic MVTec-layout dataset")
+    synth.add_argument("args", nargs=argparse.REMAINDER, help="arguments of python -m anomalib_mcad.data.synthetic")
+
+    sub.add_parser("models", help="list the plugin's models")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``anomalib-mcad`` console script."""
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from anomalib_mcad.demo import DemoSettings, run_demo  # noqa: PLC0415
+
+        run_demo(
+            DemoSettings(
+                output_dir=args.output_dir,
+                steps=args.steps,
+                encoder_name=args.encoder,
+                image_size=args.image_size,
+                crop_size=args.crop_size,
+                batch_size=args.batch_size,
+            ),
+        )
+        return 0
+    if args.command == "synth":
+        from anomalib_mcad.data import synthetic  # noqa: PLC0415
+
+        return synthetic.main(args.args)
+    from anomalib_mcad.models import list_models  # noqa: PLC0415
+
+    print("\n".join(list_models()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
