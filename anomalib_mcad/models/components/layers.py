@@ -62,15 +62,17 @@ def linear_attention_block(dim: int, num_heads: int, mlp_ratio: float = 4.0, mlp
     LayerNorm eps 1e-8 and qkv bias follow the authors' code; ``mlp_bias=False`` reproduces
     anomalib's built-in variant (used only for the parity check).
     """
-    return Block(
+    block = Block(
         dim=dim,
         num_heads=num_heads,
         mlp_ratio=mlp_ratio,
         qkv_bias=True,
         norm_layer=partial(nn.LayerNorm, eps=1e-8),
         attn_layer=LinearAttention,
-        mlp_layer=partial(Mlp, bias=mlp_bias),
     )
+    # timm passes its ``proj_bias`` to the MLP too; set the MLP's bias on its own.
+    block.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, bias=mlp_bias)
+    return block
 
 
 class NoisyBottleneck(nn.Module):
