@@ -114,7 +114,8 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Path]:
     print("[4/5] Exporting to OpenVINO")
     export_root = out / "export"
     xml_path = Path(engine.export(model, export_type=ExportType.OPENVINO, export_root=export_root))
-    inferencer = OpenVINOInferencer(path=xml_path, device="CPU")
+    # FP32 explicitly: on CPUs with bfloat16 support OpenVINO otherwise runs in bfloat16.
+    inferencer = OpenVINOInferencer(path=xml_path, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
 
     print("[5/5] Scoring test images with the OpenVINO model and saving figures")
     figures = out / "figures"

@@ -127,12 +127,15 @@ class Dinomaly(AnomalibModule):
         return resize_crop_normalize(size, getattr(self, "crop_size", 392))
 
     def configure_callbacks(self) -> list[Callback]:
-        """anomalib's components plus the per-category table at the end of ``test``."""
+        """anomalib's components, preceded by the per-category table at the end of ``test``.
+
+        Placed before the post-processor so the table is computed on raw (unclipped) scores.
+        """
         callbacks = list(super().configure_callbacks())
         if self.per_category_metrics:
             from anomalib_mcad.metrics import PerCategoryMetrics  # noqa: PLC0415
 
-            callbacks.append(PerCategoryMetrics())
+            callbacks.insert(0, PerCategoryMetrics())
         return callbacks
 
     @property

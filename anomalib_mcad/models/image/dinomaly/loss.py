@@ -49,7 +49,7 @@ class GlobalCosineHardMiningLoss(nn.Module):
                 point_dist = 1 - F.cosine_similarity(en, de, dim=1).unsqueeze(1)
                 k = int(point_dist.numel() * (1 - p))
                 threshold = torch.topk(point_dist.flatten(), k=max(k, 1)).values[-1]
-                weight = torch.where(point_dist < threshold, self.factor, 1.0).to(de.dtype)
+                weight = torch.ones_like(point_dist, dtype=de.dtype).masked_fill(point_dist < threshold, self.factor)
             de = scale_gradient(de, weight)
             total = total + (1 - F.cosine_similarity(en.flatten(1), de.flatten(1), dim=1)).mean()
         return total / len(encoder)

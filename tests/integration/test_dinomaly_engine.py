@@ -1,0 +1,157 @@
+"""Dinomaly through anomalib's Engine: the contract of anomalib's own model integration test.
+
+anomalib's ``tests/integration/model/test_models.py`` fits each model, then tests, trains,
+validates and predicts from the checkpoint and exports it to every type. The same here, on
+the offline synthetic dataset, read once with anomalib's own single-category ``MVTecAD`` and
+once with our multi-class datamodule.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.data.utils import read_image
+from anomalib.deploy import ExportType, OpenVINOInferencer
+from anomalib.engine import Engine
+from lightning.pytorch import Callback, seed_everything
+
+from anomalib_mcad import Dinomaly
+from anomalib_mcad.data import MultiClassDataModule
+
+pytestmark = pytest.mark.slow
+
+
+class LossRecorder(Callback):
+    """Keeps the training loss of every step."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:  # noqa: ANN401, ARG002
+        self.losses.append(float(outputs["loss"]))
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Fit a tiny Dinomaly on one category with anomalib's MVTecAD datamodule, as anomalib's test does."""
+    seed_everything(0)
+    project = tmp_path_factory.mktemp("project")
+    kwargs = {
+        "encoder_name": "vit_small_patch14_reg4_dinov2",
+        "pretrained": False,
+        "image_size": 64,
+        "crop_size": 56,
+        "warmup_iters": 2,
+        "hard_mining_warmup_iters": 4,
+    }
+    datamodule = MVTecAD(root=synthetic_root, category="brick", train_batch_size=2, eval_batch_size=4, num_workers=0)
+    model = Dinomaly(**kwargs)
+    engine = Engine(logger=False, default_root_dir=project, max_epochs=1, devices=1, accelerator="cpu")
+    engine.fit(model=model, datamodule=datamodule)
+    ckpt = engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    assert Path(ckpt).is_file()
+    return {"kwargs": kwargs, "datamodule": datamodule, "project": project, "ckpt": ckpt, "root": synthetic_root}
+
+
+def fresh(fitted: dict[str, Any]) -> tuple[Dinomaly, MVTecAD, Engine]:
+    datamodule = MVTecAD(root=fitted["root"], category="brick", train_batch_size=2, eval_batch_size=4, num_workers=0)
+    engine = Engine(logger=False, default_root_dir=fitted["project"], max_epochs=1, devices=1, accelerator="cpu")
+    return Dinomaly(**fitted["kwargs"]), datamodule, engine
+
+
+def test_test_from_checkpoint(fitted: dict[str, Any]) -> None:
+    model, datamodule, engine = fresh(fitted)
+    results = engine.test(model=model, datamodule=datamodule, ckpt_path=fitted["ckpt"])
+    assert 0.0 <= results[0]["image_AUROC"] <= 1.0
+
+
+def test_train_validate_predict_from_checkpoint(fitted: dict[str, Any]) -> None:
+    model, datamodule, engine = fresh(fitted)
+    engine.train(model=model, datamodule=datamodule, ckpt_path=fitted["ckpt"])
+    model, datamodule, engine = fresh(fitted)
+    engine.validate(model=model, datamodule=datamodule, ckpt_path=fitted["ckpt"])
+    model, datamodule, engine = fresh(fitted)
+    predictions = engine.predict(model=model, datamodule=datamodule, ckpt_path=fitted["ckpt"])
+    batch = predictions[0]
+    assert batch.pred_score.shape[0] == batch.image.shape[0]
+    assert batch.anomaly_map.shape[-2:] == (56, 56)
+
+
+@pytest.mark.parametrize("export_type", list(ExportType))
+def test_export(fitted: dict[str, Any], export_type: ExportType, tmp_path: Path) -> None:
+    model, _, engine = fresh(fitted)
+    path = engine.export(model=model, ckpt_path=fitted["ckpt"], export_type=export_type, export_root=tmp_path)
+    assert Path(path).is_file()
+
+
+def test_checkpoint_reloads_with_identical_scores(fitted: dict[str, Any]) -> None:
+    loaded = Dinomaly.load_from_checkpoint(fitted["ckpt"], map_location="cpu").eval()
+    model = Dinomaly(**fitted["kwargs"]).eval()
+    state = torch.load(fitted["ckpt"], map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict(state)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).pred_score, model(x).pred_score)
+    assert loaded.hparams.encoder_name == "vit_small_patch14_reg4_dinov2"
+
+
+def test_openvino_and_onnx_match_torch(fitted: dict[str, Any], tmp_path: Path) -> None:
+    """anomalib's OpenVINOInferencer (and the ONNX graph run by OpenVINO) reproduce the torch model."""
+    model, _, engine = fresh(fitted)
+    xml = engine.export(model=model, ckpt_path=fitted["ckpt"], export_type=ExportType.OPENVINO, export_root=tmp_path)
+    onnx_path = engine.export(model=model, ckpt_path=fitted["ckpt"], export_type=ExportType.ONNX, export_root=tmp_path / "onnx")
+    model = Dinomaly.load_from_checkpoint(fitted["ckpt"], map_location="cpu").eval()
+    # OpenVINO runs in bfloat16 on CPUs that support it unless told otherwise; FP32 is compared here.
+    fp32 = {"INFERENCE_PRECISION_HINT": "f32"}
+    inferencer = OpenVINOInferencer(path=xml, device="CPU", config=fp32)
+    onnx_model = ov.Core().compile_model(str(onnx_path), "CPU", fp32)
+    images = sorted((fitted["root"] / "brick" / "test").rglob("*.png"))[::3]
+    worst_score = worst_map = worst_onnx = 0.0
+    for path in images:
+        tensor = read_image(path, as_tensor=True).unsqueeze(0)
+        with torch.no_grad():
+            ref = model(tensor)
+        out = inferencer.predict(path)
+        worst_score = max(worst_score, abs(float(out.pred_score.item()) - float(ref.pred_score.item())))
+        worst_map = max(worst_map, float(np.abs(out.anomaly_map.squeeze() - ref.anomaly_map.squeeze().numpy()).max()))
+        onnx_out = onnx_model(tensor.numpy())
+        onnx_score = float(np.asarray(onnx_out[0]).ravel()[0])
+        worst_onnx = max(worst_onnx, abs(onnx_score - float(ref.pred_score.item())))
+    # Stated tolerance: 1e-4 on normalised scores and maps (FP32 on CPU).
+    assert worst_score < 1e-4, worst_score
+    assert worst_map < 1e-4, worst_map
+    assert worst_onnx < 1e-4, worst_onnx
+
+
+def test_multiclass_training_reduces_loss_and_writes_per_category_table(synthetic_root: Path, tmp_path: Path) -> None:
+    seed_everything(0)
+    datamodule = MultiClassDataModule(root=synthetic_root, train_batch_size=4, eval_batch_size=4, num_workers=0)
+    model = Dinomaly(
+        encoder_name="vit_small_patch14_reg4_dinov2",
+        pretrained=False,
+        image_size=64,
+        crop_size=56,
+        warmup_iters=2,
+        hard_mining_warmup_iters=1,
+        hard_mining_p=0.0,  # keep the loss comparable across steps
+    )
+    recorder = LossRecorder()
+    engine = Engine(logger=False, default_root_dir=tmp_path, max_steps=30, devices=1, accelerator="cpu", callbacks=[recorder])
+    engine.fit(model=model, datamodule=datamodule)
+    assert len(recorder.losses) == 30
+    assert np.mean(recorder.losses[-5:]) < 0.7 * np.mean(recorder.losses[:5]), recorder.losses
+    lr = engine.trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(2e-4, rel=1e-2)  # schedule stepped per iteration reaches its final value
+    engine.test(model=model, datamodule=datamodule)
+    csvs = list(tmp_path.rglob("per_category_metrics.csv"))
+    assert csvs, "per-category table not saved"
+    import pandas as pd
+
+    table = pd.read_csv(csvs[0])
+    assert set(table["category"]) == {"brick", "grass", "washer", "mean"}
