@@ -9,14 +9,13 @@ import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
-from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRScheduler
 from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize
 
+from anomalib_mcad.models.components.base import McadModule
 from anomalib_mcad.models.components.optim import StableAdamW, WarmupCosineLR
 from anomalib_mcad.models.components.vit import PosEmbedInterpolation
 from anomalib_mcad.models.components.weights import PretrainedArg
@@ -39,7 +38,7 @@ def resize_crop_normalize(image_size: int, crop_size: int | None) -> PreProcesso
     return PreProcessor(transform=Compose(steps))
 
 
-class Dinomaly(AnomalibModule):
+class Dinomaly(McadModule):
     """Dinomaly (Guo et al., CVPR 2025), faithful to the authors' multi-class recipe.
 
     Defaults are the paper's (supplementary sec. B) and the authors' ``dinomaly_mvtec_uni.py``;
@@ -125,18 +124,6 @@ class Dinomaly(AnomalibModule):
         """Resize to ``image_size`` (448) and center-crop to ``crop_size`` (392), ImageNet stats."""
         size = image_size[0] if image_size is not None else getattr(self, "image_size", 448)
         return resize_crop_normalize(size, getattr(self, "crop_size", 392))
-
-    def configure_callbacks(self) -> list[Callback]:
-        """anomalib's components, preceded by the per-category table at the end of ``test``.
-
-        Placed before the post-processor so the table is computed on raw (unclipped) scores.
-        """
-        callbacks = list(super().configure_callbacks())
-        if self.per_category_metrics:
-            from anomalib_mcad.metrics import PerCategoryMetrics  # noqa: PLC0415
-
-            callbacks.insert(0, PerCategoryMetrics())
-        return callbacks
 
     @property
     def trainable_modules(self) -> torch.nn.ModuleList:
