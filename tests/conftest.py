@@ -28,7 +28,7 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
 def tiny_dinomaly_kwargs() -> dict[str, Any]:
     """A Dinomaly small enough for CPU tests: random ViT-S, 56 px input (4x4 patch grid)."""
     return {

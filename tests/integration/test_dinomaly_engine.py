@@ -38,18 +38,11 @@ class LossRecorder(Callback):
 
 
 @pytest.fixture(scope="module")
-def fitted(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def fitted(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory, tiny_dinomaly_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Fit a tiny Dinomaly on one category with anomalib's MVTecAD datamodule, as anomalib's test does."""
     seed_everything(0)
     project = tmp_path_factory.mktemp("project")
-    kwargs = {
-        "encoder_name": "vit_small_patch14_reg4_dinov2",
-        "pretrained": False,
-        "image_size": 64,
-        "crop_size": 56,
-        "warmup_iters": 2,
-        "hard_mining_warmup_iters": 4,
-    }
+    kwargs = dict(tiny_dinomaly_kwargs)
     datamodule = MVTecAD(root=synthetic_root, category="brick", train_batch_size=2, eval_batch_size=4, num_workers=0)
     model = Dinomaly(**kwargs)
     engine = Engine(logger=False, default_root_dir=project, max_epochs=1, devices=1, accelerator="cpu")
@@ -129,18 +122,14 @@ def test_openvino_and_onnx_match_torch(fitted: dict[str, Any], tmp_path: Path) -
     assert worst_onnx < 1e-4, worst_onnx
 
 
-def test_multiclass_training_reduces_loss_and_writes_per_category_table(synthetic_root: Path, tmp_path: Path) -> None:
+def test_multiclass_training_reduces_loss_and_writes_per_category_table(
+    synthetic_root: Path,
+    tmp_path: Path,
+    tiny_dinomaly_kwargs: dict[str, Any],
+) -> None:
     seed_everything(0)
     datamodule = MultiClassDataModule(root=synthetic_root, train_batch_size=4, eval_batch_size=4, num_workers=0)
-    model = Dinomaly(
-        encoder_name="vit_small_patch14_reg4_dinov2",
-        pretrained=False,
-        image_size=64,
-        crop_size=56,
-        warmup_iters=2,
-        hard_mining_warmup_iters=1,
-        hard_mining_p=0.0,  # keep the loss comparable across steps
-    )
+    model = Dinomaly(**{**tiny_dinomaly_kwargs, "hard_mining_p": 0.0})  # no mining: losses comparable across steps
     recorder = LossRecorder()
     engine = Engine(logger=False, default_root_dir=tmp_path, max_steps=30, devices=1, accelerator="cpu", callbacks=[recorder])
     engine.fit(model=model, datamodule=datamodule)
