@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train, test, export and deploy a small Dinomaly on offline synthetic data")
     demo.add_argument("--output-dir", type=Path, default=Path("demo_output"))
-    demo.add_argument("--steps", type=int, default=200, help="training iterations")
+    demo.add_argument("--steps", type=int, default=120, help="training iterations")
     demo.add_argument("--encoder", default="vit_small_patch14_reg4_dinov2")
     demo.add_argument("--image-size", type=int, default=128)
     demo.add_argument("--crop-size", type=int, default=112)
