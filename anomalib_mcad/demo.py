@@ -47,7 +47,7 @@ def save_figure(path: Path, image: np.ndarray, anomaly_map: np.ndarray, gt_mask:
     axes[0].set_title("image")
     axes[1].imshow(image)
     overlay = axes[1].imshow(anomaly_map, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
-    axes[1].set_title("anomaly map (OpenVINO)")
+    axes[1].set_title("anomaly map (OpenVINO, 0.5 = threshold)", fontsize=8)
     fig.colorbar(overlay, ax=axes[1], fraction=0.046)
     if gt_mask is not None:
         axes[2].imshow(gt_mask, cmap="gray", vmin=0, vmax=1)

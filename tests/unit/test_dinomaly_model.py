@@ -21,7 +21,7 @@ def model() -> DinomalyModel:
 
 
 def test_inference_outputs(model: DinomalyModel) -> None:
-    x = torch.randn(2, 3, 56, 70)
+    x = torch.randn(2, 3, 56, 70)  # 4 x 5 patches
     with torch.no_grad():
         out = model(x)
     assert isinstance(out, InferenceBatch)
@@ -116,6 +116,7 @@ def test_loss_ramps_mining_and_damps_easy_points() -> None:
         (torch.randn(1, 4, 56, 56), "3-channel RGB"),
         (torch.randn(1, 3, 20, 56), "at least 28x28"),
         (torch.randn(3, 56, 56), "shape"),
+        (torch.randn(1, 3, 64, 56), "multiples of the patch size 14"),
     ],
 )
 def test_bad_input_is_a_clear_error(model: DinomalyModel, tensor: torch.Tensor, message: str) -> None:

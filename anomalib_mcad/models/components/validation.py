@@ -19,8 +19,11 @@ def is_exporting() -> bool:
     )
 
 
-def check_images(images: torch.Tensor, min_size: int, what: str = "model") -> None:
-    """Raise ``ValueError`` naming the problem if ``images`` is not a finite (B, 3, H>=min, W>=min) batch."""
+def check_images(images: torch.Tensor, min_size: int, what: str = "model", multiple: int = 1) -> None:
+    """Raise ``ValueError`` naming the problem unless ``images`` is a finite (B, 3, H, W) batch.
+
+    H and W must be at least ``min_size`` and multiples of ``multiple`` (a ViT's patch size).
+    """
     if is_exporting():
         return
     if not isinstance(images, torch.Tensor):
@@ -40,6 +43,12 @@ def check_images(images: torch.Tensor, min_size: int, what: str = "model") -> No
     height, width = images.shape[-2:]
     if height < min_size or width < min_size:
         msg = f"{what} needs images of at least {min_size}x{min_size} pixels, got {height}x{width}"
+        raise ValueError(msg)
+    if height % multiple or width % multiple:
+        msg = (
+            f"{what} needs image sides that are multiples of the patch size {multiple}, got {height}x{width}; "
+            f"resize or crop to e.g. {height // multiple * multiple}x{width // multiple * multiple}"
+        )
         raise ValueError(msg)
     if not torch.isfinite(images).all():
         n_bad = int((~torch.isfinite(images)).sum())

@@ -80,7 +80,7 @@ class DinomalyModel(nn.Module):
 
     def features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Encoder and decoder maps per group, each (B, C, h, w)."""
-        check_images(images, min_size=2 * self.encoder.patch_size, what="Dinomaly")
+        check_images(images, min_size=2 * self.encoder.patch_size, what="Dinomaly", multiple=self.encoder.patch_size)
         h, w = self.encoder.patch_grid(*images.shape[-2:])
         encoded = self.encoder(images)
         x = self.bottleneck(torch.stack(encoded, dim=1).mean(dim=1))
