@@ -24,8 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--crop-size", type=int, default=112)
     demo.add_argument("--batch-size", type=int, default=8)
 
-    synth = sub.add_parser("synth", help="write the offline synthetic MVTec-layout dataset")
-    synth.add_argument("args", nargs=argparse.REMAINDER, help="arguments of python -m anomalib_mcad.data.synthetic")
+    sub.add_parser(
+        "synth",
+        help="write the offline synthetic MVTec-layout dataset (options: see python -m anomalib_mcad.data.synthetic -h)",
+        add_help=False,
+    )
 
     sub.add_parser("models", help="list the plugin's models")
     return parser
@@ -33,7 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``anomalib-mcad`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "synth":
+        from anomalib_mcad.data import synthetic  # noqa: PLC0415
+
+        return synthetic.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "demo":
         from anomalib_mcad.demo import DemoSettings, run_demo  # noqa: PLC0415
 
@@ -48,10 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         )
         return 0
-    if args.command == "synth":
-        from anomalib_mcad.data import synthetic  # noqa: PLC0415
-
-        return synthetic.main(args.args)
     from anomalib_mcad.models import list_models  # noqa: PLC0415
 
     print("\n".join(list_models()))
