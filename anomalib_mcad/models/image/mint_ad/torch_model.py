@@ -177,7 +177,9 @@ class ClassAwareINR(nn.Module):
     4 x 256 -> 256), then a linear output layer 256 -> 256. Modulation network:
     ``a_1 = ReLU(W'_1 [z, t_c] + b'_1)`` ((3 + 32) -> 256), ``a_i = ReLU(W'_i a_{i-1} + b'_i)``
     (4 x 256 -> 256). ``z`` is a learnable position encoding (``pos_dim`` = 3 per position).
-    SIREN initialisation and frequency ``w0`` = 30 (Sitzmann et al.), which the paper leaves open.
+    SIREN initialisation and frequency ``w0`` = 30 (Sitzmann et al.) for the sine layers, xavier for the linear output layer, He
+    initialisation for the ReLU modulation path (so the amplitudes neither vanish nor explode
+    with depth); the paper leaves both open.
     """
 
     def __init__(self, num_positions: int, out_dim: int = 256, hidden: int = 256, token_dim: int = 32, pos_dim: int = 3, depth: int = 5, omega: float = 30.0) -> None:
@@ -202,8 +204,11 @@ class ClassAwareINR(nn.Module):
             for index, layer in enumerate(self.synthesis):
                 bound = 1.0 / layer.in_features if index == 0 else math.sqrt(6.0 / layer.in_features) / self.omega
                 layer.weight.uniform_(-bound, bound)
-            bound = math.sqrt(6.0 / self.output.in_features) / self.omega
-            self.output.weight.uniform_(-bound, bound)
+            nn.init.xavier_uniform_(self.output.weight)  # the query enters the decoder at the scale of its tokens
+            self.output.bias.zero_()
+            for layer in self.modulation:  # He init keeps the ReLU amplitudes O(1) through the depth
+                nn.init.kaiming_uniform_(layer.weight, nonlinearity="relu")
+                layer.bias.zero_()
 
     def forward(self, token: torch.Tensor) -> torch.Tensor:
         """Class tokens (B, 32) -> query (B, num_positions, out_dim)."""
