@@ -6,22 +6,16 @@ weights are copied into ours by name, and ours is put in the built-in's conventi
 ``output_map="raw"``). Scores and anomaly maps must then agree within 1e-4; with our default
 conventions they must not.
 
-Known remaining departure (an expected, ``strict`` failure: it turns red once fixed, and the
-marker must then be removed): ``pos_embed_interpolation="timm"`` resizes with
-``antialias=True`` (timm's default), while the built-in's ``TimmFeatureExtractor`` patches
-timm's ViT to resize with ``antialias=False``. Outputs then differ by ~1e-3 wherever the
-position embeddings are resized (any input but 518x518).
-:func:`test_parity_with_builtin_resize` aligns that one flag and checks everything else.
+Sizes below 518 make both models resize their position embeddings; ``"timm"`` mode resizes
+exactly as the built-in does (exact grid, bicubic, no antialias).
 
 The helpers live in ``benchmarks/builtin_dinomaly.py`` (shared with the latency benchmark).
 """
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -33,17 +27,10 @@ if str(BENCHMARKS) not in sys.path:
 
 import builtin_dinomaly as bd  # noqa: E402
 
-from anomalib_mcad.models.components import vit as vit_module  # noqa: E402
-
 SMALL = "vit_small_patch14_reg4_dinov2"
 BASE = "vit_base_patch14_reg4_dinov2"
 LAST_TAPPED_BLOCK = 9
 TOL = 1e-4
-
-ANTIALIAS_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="known departure: our 'timm' pos-embed resize uses antialias=True, the built-in antialias=False",
-)
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +64,6 @@ def diffs(builtin: nn.Module, ours: nn.Module, x: torch.Tensor) -> tuple[float, 
     return bd.max_abs_diff(score_b, score_o), bd.max_abs_diff(map_b, map_o)
 
 
-@pytest.fixture
-def builtin_resize(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make our 'timm' pos-embed resize use antialias=False, like the built-in's patched timm."""
-    original: Any = getattr(vit_module, "resample_abs_pos_embed", None)
-    if original is not None:
-        monkeypatch.setattr(vit_module, "resample_abs_pos_embed", functools.partial(original, antialias=False))
-
-
 def test_no_download_is_attempted() -> None:
     """The guard turns any pretrained-weights load into an immediate error."""
     import timm  # noqa: PLC0415
@@ -111,37 +90,21 @@ def test_every_parameter_of_ours_is_assigned(small_pair: tuple[nn.Module, nn.Mod
     assert {n for n, _ in ours.named_parameters()} <= set(report.assigned)
 
 
-@ANTIALIAS_XFAIL
-@pytest.mark.parametrize(("batch", "size"), [(2, 112)])
-def test_parity_with_interpolation(
-    small_pair: tuple[nn.Module, nn.Module, bd.CopyReport],
-    batch: int,
-    size: int,
-) -> None:
-    """At sizes where the position embeddings are resized, the outputs agree as they are."""
-    builtin, ours, _ = small_pair
-    score, amap = diffs(builtin, ours, images(batch, size))
-    assert score <= TOL, f"score max abs diff {score:.3g}"
-    assert amap <= TOL, f"map max abs diff {amap:.3g}"
-
-
-@pytest.mark.usefixtures("builtin_resize")
 @pytest.mark.parametrize(("batch", "size"), [(2, 112), (1, 224)])
-def test_parity_with_builtin_resize(
+def test_parity_with_position_resize(
     small_pair: tuple[nn.Module, nn.Module, bd.CopyReport],
     batch: int,
     size: int,
 ) -> None:
-    """With the resize's antialias flag aligned, everything else agrees where interpolation happens."""
+    """Where the position embeddings are resized, the outputs agree."""
     builtin, ours, _ = small_pair
     score, amap = diffs(builtin, ours, images(batch, size))
     assert score <= TOL, f"score max abs diff {score:.3g}"
     assert amap <= TOL, f"map max abs diff {amap:.3g}"
 
 
-@pytest.mark.usefixtures("builtin_resize")
 def test_parity_vit_base_paper_size() -> None:
-    """ViT-B/14 at the paper's 392x392 (28x28 grid), antialias flag aligned."""
+    """ViT-B/14 at the paper's 392x392 (28x28 grid)."""
     builtin = bd.build_builtin(BASE)
     bd.spread_layer_scales_(builtin)
     ours = bd.build_ours(BASE, builtin_conventions=True)

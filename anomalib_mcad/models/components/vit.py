@@ -7,9 +7,9 @@ from calling timm's model directly:
   12, so blocks 10 and 11 are dead weight at train and test time).
 * Position embeddings are resized the way DINOv2's own code does (bicubic with a
   ``scale_factor`` of ``(grid + 0.1) / 37``, no antialias), which the Dinomaly and INP-Former
-  authors' results rely on. timm resizes to the exact grid with antialias, a measurable
-  difference at 392x392; ``pos_embed_interpolation="timm"`` selects timm's way for parity
-  checks against anomalib's built-ins.
+  authors' results rely on. anomalib's built-ins resize with timm to the exact grid (bicubic,
+  antialias switched off by anomalib's feature extractor), a measurable difference at
+  392x392; ``pos_embed_interpolation="timm"`` selects that way, for parity checks.
 """
 
 from __future__ import annotations
@@ -109,7 +109,14 @@ class ViTFeatureTap(nn.Module):
         if (grid_h, grid_w) == self.pretrain_grid:
             return pos
         if self.pos_embed_interpolation == "timm":
-            return resample_abs_pos_embed(pos, new_size=(grid_h, grid_w), old_size=self.pretrain_grid, num_prefix_tokens=0)
+            # exact grid without antialias: what anomalib 2.7's TimmFeatureExtractor makes timm do
+            return resample_abs_pos_embed(
+                pos,
+                new_size=(grid_h, grid_w),
+                old_size=self.pretrain_grid,
+                num_prefix_tokens=0,
+                antialias=False,
+            )
         side = math.isqrt(pos.shape[1])
         grid = pos.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
         grid = F.interpolate(
