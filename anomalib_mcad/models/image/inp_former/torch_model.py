@@ -182,6 +182,10 @@ class InpFormerModel(nn.Module):
         if not self.groups or not all(self.groups) or used[0] < 0 or used[-1] >= len(layers) or used[-1] >= decoder_depth:
             msg = f"groups {self.groups} must index the {len(layers)} target layers and the {decoder_depth} decoder blocks"
             raise ValueError(msg)
+        if num_prototypes < 1:
+            msg = f"num_prototypes must be >= 1, got {num_prototypes}"
+            raise ValueError(msg)
+        self.scorer = SmoothedTopKScorer(eval_size=eval_size, padding=blur_padding, top_k_ratio=top_k_ratio, output=output_map)
         self.encoder = ViTFeatureTap(encoder_name, layers, pretrained, pos_embed_interpolation)
         dim, heads = self.encoder.embed_dim, self.encoder.num_heads
         self.extractor = INPExtractor(dim, heads, num_prototypes, mlp_bias=mlp_bias)
@@ -189,7 +193,6 @@ class InpFormerModel(nn.Module):
         self.decoder = nn.ModuleList(INPGuidedBlock(dim, heads, mlp_bias=mlp_bias) for _ in range(decoder_depth))
         for module in (self.extractor, self.bottleneck, self.decoder):
             init_reconstruction_weights(module)  # prototype tokens keep their N(0, 1) start, as the authors'
-        self.scorer = SmoothedTopKScorer(eval_size=eval_size, padding=blur_padding, top_k_ratio=top_k_ratio, output=output_map)
         self.zero_shot = zero_shot
 
     def features(self, images: torch.Tensor) -> InpFormerFeatures:
