@@ -165,6 +165,7 @@ def openvino_outputs(compiled: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def stage_breakdown(ours: nn.Module, builtin: nn.Module, x: torch.Tensor, warmup: int, runs: int) -> None:
     """Print the median time of encoder, bottleneck+decoder and map/score stages of both models."""
+    from anomalib_mcad.models.components.anomaly_map import cosine_distance_map  # noqa: PLC0415
     from anomalib_mcad.models.image.dinomaly.torch_model import DinomalyModel  # noqa: PLC0415
 
     assert isinstance(ours, DinomalyModel)
@@ -201,7 +202,7 @@ def stage_breakdown(ours: nn.Module, builtin: nn.Module, x: torch.Tensor, warmup
             "ours pos-embed resize": lambda: ours.encoder.interpolated_pos_embed(*ours.encoder.patch_grid(*size)),
             "ours bottleneck+decoder": ours_decoder,
             "builtin bottleneck+decoder": builtin_decoder,
-            "ours map+score": lambda: ours.scorer(en_o, de_o, size),
+            "ours map+score": lambda: ours.scorer(cosine_distance_map(en_o, de_o, size)),
             "builtin map+score": builtin_scorer,
         }
         timings = interleaved(stages, warmup, runs)

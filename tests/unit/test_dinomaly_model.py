@@ -7,7 +7,7 @@ import torch
 from anomalib.data import InferenceBatch
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_mcad.models.image.dinomaly.anomaly_map import AnomalyMapScorer, top_k_mean
+from anomalib_mcad.models.components.anomaly_map import SmoothedTopKScorer, cosine_distance_map, top_k_mean
 from anomalib_mcad.models.image.dinomaly.loss import GlobalCosineHardMiningLoss
 from anomalib_mcad.models.image.dinomaly.torch_model import DinomalyModel
 
@@ -69,8 +69,8 @@ def test_scorer_blurs_with_zero_padding_at_eval_size() -> None:
     torch.manual_seed(0)
     en = [torch.randn(1, 8, 4, 4)]
     de = [torch.randn(1, 8, 4, 4)]
-    scorer = AnomalyMapScorer(eval_size=32, output="raw")
-    score, raw = scorer(en, de, (56, 56))
+    scorer = SmoothedTopKScorer(eval_size=32, output="raw")
+    score, raw = scorer(cosine_distance_map(en, de, (56, 56)))
     # authors: map at input size (align_corners=True) -> 256-like eval size -> 5x5 Gaussian, zero padding
     expected_raw = F.interpolate((1 - F.cosine_similarity(en[0], de[0], dim=1)).unsqueeze(1), size=(56, 56), mode="bilinear", align_corners=True)
     torch.testing.assert_close(raw, expected_raw)
@@ -80,7 +80,7 @@ def test_scorer_blurs_with_zero_padding_at_eval_size() -> None:
     small = F.interpolate(expected_raw, size=(32, 32), mode="bilinear", align_corners=False)
     blurred = F.conv2d(small, kernel[None, None], padding=2)
     assert score.item() == pytest.approx(top_k_mean(blurred, 0.01).item(), abs=1e-6)
-    reflect = AnomalyMapScorer(eval_size=32, padding="reflect", output="raw")(en, de, (56, 56))[0]
+    reflect = SmoothedTopKScorer(eval_size=32, padding="reflect", output="raw")(raw)[0]
     assert reflect.item() != pytest.approx(score.item(), abs=1e-7)
 
 
@@ -136,4 +136,4 @@ def test_invalid_configuration() -> None:
     with pytest.raises(ValueError, match="groups"):
         DinomalyModel(ENCODER, pretrained=False, groups=[[0, 1], [8]])
     with pytest.raises(ValueError, match="padding"):
-        AnomalyMapScorer(padding="edge")
+        SmoothedTopKScorer(padding="edge")

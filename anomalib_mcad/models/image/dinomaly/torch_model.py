@@ -9,11 +9,11 @@ import torch
 from anomalib.data import InferenceBatch
 from torch import nn
 
+from anomalib_mcad.models.components.anomaly_map import SmoothedTopKScorer, cosine_distance_map
 from anomalib_mcad.models.components.layers import NoisyBottleneck, init_reconstruction_weights, linear_attention_block
 from anomalib_mcad.models.components.validation import check_images
 from anomalib_mcad.models.components.vit import PosEmbedInterpolation, ViTFeatureTap, architecture
 from anomalib_mcad.models.components.weights import PretrainedArg
-from anomalib_mcad.models.image.dinomaly.anomaly_map import AnomalyMapScorer
 
 DEFAULT_GROUPS: tuple[tuple[int, ...], ...] = ((0, 1, 2, 3), (4, 5, 6, 7))
 
@@ -33,7 +33,7 @@ class DinomalyModel(nn.Module):
         mlp_bias: biases in bottleneck and decoder MLPs (the authors' have them; anomalib's
             built-in does not).
         pos_embed_interpolation, eval_size, blur_padding, top_k_ratio, output_map: see
-            :class:`ViTFeatureTap` and :class:`AnomalyMapScorer`.
+            :class:`ViTFeatureTap` and :class:`SmoothedTopKScorer`.
     """
 
     def __init__(
@@ -71,7 +71,7 @@ class DinomalyModel(nn.Module):
         self.decoder = nn.ModuleList(linear_attention_block(dim, heads, mlp_bias=mlp_bias) for _ in range(decoder_depth))
         init_reconstruction_weights(self.bottleneck)
         init_reconstruction_weights(self.decoder)
-        self.scorer = AnomalyMapScorer(
+        self.scorer = SmoothedTopKScorer(
             eval_size=eval_size,
             padding=blur_padding,
             top_k_ratio=top_k_ratio,
@@ -102,5 +102,5 @@ class DinomalyModel(nn.Module):
         encoder, decoder = self.features(images)
         if self.training:
             return encoder, decoder
-        score, anomaly_map = self.scorer(encoder, decoder, tuple(images.shape[-2:]))
+        score, anomaly_map = self.scorer(cosine_distance_map(encoder, decoder, tuple(images.shape[-2:])))
         return InferenceBatch(pred_score=score, anomaly_map=anomaly_map)
