@@ -48,6 +48,9 @@ __all__ = [
     "format_table",
 ]
 
+PREDICTIONS_FILENAME = "per_image_predictions.csv"
+"""Per-image scores (raw), labels and categories written beside the table."""
+
 AUPRO_FPR_LIMIT = 0.3
 """False-positive-rate limit up to which the PRO curve is integrated (MVTec AD convention)."""
 
@@ -439,6 +442,7 @@ class PerCategoryMetrics(Callback):
         self.print_table = print_table
         self.results: pd.DataFrame | None = None
         self.csv_path: Path | None = None
+        self.predictions_path: Path | None = None
         self.score_source: str | None = None
         self._default_category = "all"
         self._records: list[dict[str, Any]] = []
@@ -550,6 +554,7 @@ class PerCategoryMetrics(Callback):
         scores: list[float] = []
         maps: list[torch.Tensor | None] = []
         masks: list[torch.Tensor | None] = []
+        paths: list[str | None] = []
         seen: set[str] = set()
         for record in records:
             for i in range(record["label"].numel()):
@@ -563,7 +568,8 @@ class PerCategoryMetrics(Callback):
                 scores.append(float(record["score"][i]))
                 maps.append(record["map"][i] if record["map"] is not None else None)
                 masks.append(record["mask"][i] if record["mask"] is not None else None)
-        return {"categories": categories, "labels": labels, "scores": scores, "maps": maps, "masks": masks}
+                paths.append(path)
+        return {"categories": categories, "labels": labels, "scores": scores, "maps": maps, "masks": masks, "paths": paths}
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Compute the table; on rank 0 print it, save the CSV and log the means."""
@@ -587,6 +593,16 @@ class PerCategoryMetrics(Callback):
         output_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = output_dir / self.filename
         df.to_csv(self.csv_path, index=False)
+        # the per-image predictions behind the table, with each image's category
+        self.predictions_path = output_dir / PREDICTIONS_FILENAME
+        pd.DataFrame(
+            {
+                "image_path": data["paths"],
+                "category": data["categories"],
+                "gt_label": data["labels"],
+                "pred_score": data["scores"],
+            },
+        ).to_csv(self.predictions_path, index=False)
 
         if self.print_table:
             size = "x".join(map(str, self.eval_size)) if self.eval_size else "prediction resolution"

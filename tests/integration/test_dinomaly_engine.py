@@ -144,3 +144,7 @@ def test_multiclass_training_reduces_loss_and_writes_per_category_table(
 
     table = pd.read_csv(csvs[0])
     assert set(table["category"]) == {"brick", "grass", "washer", "mean"}
+    predictions = pd.read_csv(csvs[0].with_name("per_image_predictions.csv"))
+    assert len(predictions) == len(datamodule.test_data)
+    for _, row in predictions.iterrows():  # each saved prediction carries its image's category
+        assert row["category"] in Path(row["image_path"]).parts
