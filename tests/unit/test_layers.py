@@ -8,6 +8,7 @@ from torch.nn import functional as F  # noqa: N812
 from anomalib_mcad.models.components.layers import (
     LinearAttention,
     NoisyBottleneck,
+    elu_plus_one,
     init_reconstruction_weights,
     linear_attention_block,
 )
@@ -30,6 +31,11 @@ def test_linear_attention_equals_explicit_kernel_form() -> None:
     attn = LinearAttention(32, num_heads=4, qkv_bias=True).eval()
     x = torch.randn(2, 10, 32)
     torch.testing.assert_close(attn(x), explicit_linear_attention(attn, x), atol=1e-5, rtol=1e-4)
+
+
+def test_elu_plus_one_matches_elu() -> None:
+    x = torch.linspace(-6, 6, 1001)
+    torch.testing.assert_close(elu_plus_one(x), F.elu(x) + 1, atol=1e-6, rtol=1e-6)
 
 
 def test_block_keeps_shape_and_has_bias_switch() -> None:
