@@ -48,7 +48,9 @@ def openvino_runner(model: nn.Module, example: torch.Tensor) -> Callable[[], obj
 
     wrapper = ScoreAndMap(model).eval()
     with torch.no_grad():
-        ov_model = ov.convert_model(wrapper, example_input=example)
+        # through torch.export (as anomalib's exporter): TorchScript tracing cannot follow DINOv2's
+        # scale-factor position-embedding resize
+        ov_model = ov.convert_model(torch.export.export(wrapper, (example,)))
         ref_score, ref_map = wrapper(example)
     compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     data = example.numpy()
