@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "Dinomaly": "anomalib_mcad.models",
+    "InpFormer": "anomalib_mcad.models",
+    "MintAd": "anomalib_mcad.models",
     "get_model": "anomalib_mcad.models",
     "list_models": "anomalib_mcad.models",
     "MultiClassDataModule": "anomalib_mcad.data",

@@ -13,12 +13,16 @@ from typing import Any
 from anomalib.models import AnomalibModule
 
 from anomalib_mcad.models.image.dinomaly import Dinomaly
+from anomalib_mcad.models.image.inp_former import InpFormer
+from anomalib_mcad.models.image.mint_ad import MintAd
 
 _MODELS: dict[str, type[AnomalibModule]] = {
     "dinomaly": Dinomaly,
+    "inp_former": InpFormer,
+    "mint_ad": MintAd,
 }
 
-__all__ = ["Dinomaly", "get_model", "list_models"]
+__all__ = ["Dinomaly", "InpFormer", "MintAd", "get_model", "list_models"]
 
 
 def _normalise(name: str) -> str:
