@@ -89,8 +89,10 @@ def exported(fitted: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.mark.parametrize("export_type", list(ExportType))
 def test_export(exported: dict[ExportType, Path], export_type: ExportType) -> None:
-    assert exported[export_type].is_file()
-    assert exported[export_type].stat().st_size > 1_000_000  # the weights are in it
+    path = exported[export_type]
+    assert path.is_file()
+    written = sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file())
+    assert written > 4 * 15_000_000  # the ~15 M trainable float32 weights are in it (OpenVINO: model.bin)
 
 
 def test_checkpoint_reloads_with_identical_scores(fitted: dict[str, Any]) -> None:
