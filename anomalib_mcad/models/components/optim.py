@@ -58,3 +58,31 @@ class WarmupCosineLR(LRScheduler):
     def get_lr(self) -> list[float]:
         """Rates for the current iteration (``self.last_epoch`` counts iterations here)."""
         return [self.lr_at(self.last_epoch, base) for base in self.base_lrs]
+
+
+def stable_adamw_warmup_cosine(
+    params: object,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    warmup_iters: int,
+    final_lr: float,
+    total_steps: float,
+    length_hint: str,
+) -> dict:
+    """Lightning optimizer config: StableAdamW with warm-up + cosine stepped every iteration.
+
+    ``total_steps`` is the trainer's ``estimated_stepping_batches``; an unbounded run is an
+    error whose message ends with ``length_hint`` (what to set, and the paper's value).
+    """
+    if total_steps <= 0 or total_steps == float("inf"):
+        msg = f"A finite training length is needed: {length_hint}"
+        raise ValueError(msg)
+    total = int(total_steps)
+    optimizer = StableAdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+    warmup = min(warmup_iters, max(total - 1, 0))
+    scheduler = WarmupCosineLR(optimizer, total_iters=total, warmup_iters=warmup, final_lr=final_lr)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

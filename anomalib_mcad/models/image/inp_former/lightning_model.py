@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRScheduler
 from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize
 
 from anomalib_mcad.models.components.base import McadModule
-from anomalib_mcad.models.components.optim import StableAdamW, WarmupCosineLR
+from anomalib_mcad.models.components.optim import stable_adamw_warmup_cosine
 from anomalib_mcad.models.components.vit import PosEmbedInterpolation
 from anomalib_mcad.models.components.weights import PretrainedArg
 from anomalib_mcad.models.image.inp_former.augmentation import FewShotAugmentation
@@ -155,22 +155,18 @@ class InpFormer(McadModule):
     def configure_optimizers(self) -> OptimizerLRScheduler:
         """StableAdamW (AMSGrad) with warm-up + cosine, stepped per iteration."""
         hp = self.hparams
-        optimizer = StableAdamW(
+        return stable_adamw_warmup_cosine(
             self.trainable_modules.parameters(),
             lr=hp.lr,
-            betas=tuple(hp.betas),
+            betas=hp.betas,
             eps=hp.eps,
             weight_decay=hp.weight_decay,
             amsgrad=hp.amsgrad,
+            warmup_iters=hp.warmup_iters,
+            final_lr=hp.final_lr,
+            total_steps=self.trainer.estimated_stepping_batches,
+            length_hint="set trainer max_epochs (200 in the paper) or max_steps",
         )
-        total = self.trainer.estimated_stepping_batches
-        if total <= 0 or total == float("inf"):
-            msg = "InpFormer needs a finite training length: set trainer max_epochs (200 in the paper) or max_steps"
-            raise ValueError(msg)
-        total = int(total)
-        warmup = min(hp.warmup_iters, max(total - 1, 0))
-        scheduler = WarmupCosineLR(optimizer, total_iters=total, warmup_iters=warmup, final_lr=hp.final_lr)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
