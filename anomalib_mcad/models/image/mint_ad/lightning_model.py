@@ -130,11 +130,18 @@ class MintAd(McadModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        """Take the number of training categories from the datamodule if it was not given."""
+        """Take the number of training categories from the datamodule if it was not given.
+
+        Lightning calls this before it restores a checkpoint. Outside ``fit`` a datamodule without
+        categories (anomalib's predict on a folder) is fine: the network is then built from the
+        checkpoint's category count, and without a checkpoint the first forward names the problem.
+        """
         super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         available = getattr(datamodule, "num_train_categories", None)
         if self.model is None:
+            if available is None and stage != "fit":
+                return  # test/predict from a checkpoint: on_load_checkpoint builds it (else _require_model errors)
             if available is None:
                 msg = (
                     f"MINT-AD's '{self.hparams.prompt_type}' prompt needs the number of training categories, and the "
