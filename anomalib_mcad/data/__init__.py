@@ -1,7 +1,7 @@
 """Multi-class data: the datamodule, category-carrying batches, and the offline synthetic dataset."""
 
 from anomalib_mcad.data.dataclasses import CategoryImageBatch, CategoryImageItem
-from anomalib_mcad.data.multiclass import DATASETS, MultiClassDataModule, MultiClassDataset
+from anomalib_mcad.data.multiclass import DATASETS, DataSource, MultiClassDataModule, MultiClassDataset
 
 
 def generate_synthetic_dataset(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
@@ -15,6 +15,7 @@ __all__ = [
     "DATASETS",
     "CategoryImageBatch",
     "CategoryImageItem",
+    "DataSource",
     "MultiClassDataModule",
     "MultiClassDataset",
     "generate_synthetic_dataset",

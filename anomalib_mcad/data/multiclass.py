@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,6 +58,76 @@ _CATEGORY_MODULES = {
 def _import(path: str) -> Any:  # noqa: ANN401
     module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One dataset read by :class:`MultiClassDataModule`: its root, reader and optional name prefix.
+
+    In a union of datasets every category is named ``<name>/<category>`` (``"visa/pcb1"``), so
+    equal folder names of two datasets cannot collide and the metrics can average per dataset.
+    """
+
+    root: Path
+    dataset: str = "mvtec_layout"
+    name: str = ""
+    categories: tuple[str, ...] | None = None
+    dataset_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any] | DataSource) -> DataSource:
+        """Build from a ``{root, dataset, name, categories, dataset_kwargs}`` mapping (a YAML entry)."""
+        if isinstance(config, DataSource):
+            return config
+        unknown = set(config) - {"root", "dataset", "name", "categories", "dataset_kwargs"}
+        if unknown or "root" not in config:
+            msg = f"A source needs 'root' and may have 'dataset', 'name', 'categories', 'dataset_kwargs'; got {sorted(config)}"
+            raise ValueError(msg)
+        dataset = config.get("dataset", "mvtec_layout")
+        dataset = _ALIASES.get(dataset, dataset)
+        categories = config.get("categories")
+        return cls(
+            root=Path(config["root"]).expanduser(),
+            dataset=dataset,
+            name=str(config.get("name") or dataset),
+            categories=tuple(categories) if categories is not None else None,
+            dataset_kwargs=dict(config.get("dataset_kwargs") or {}),
+        )
+
+    def qualified(self, category: str) -> str:
+        """The category's name in the datamodule (prefixed by the source name in a union)."""
+        return f"{self.name}/{category}" if self.name else category
+
+    def available_categories(self) -> list[str]:
+        """Categories of this dataset that exist under ``root`` (unprefixed)."""
+        if not self.root.is_dir():
+            msg = f"Dataset root not found: {self.root}"
+            raise FileNotFoundError(msg)
+        on_disk = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        if self.dataset == "visa" and (self.root / "visa_pytorch").is_dir():
+            on_disk = sorted(p.name for p in (self.root / "visa_pytorch").iterdir() if p.is_dir())
+        if self.dataset in _CATEGORY_MODULES:
+            known = list(_import(f"{_CATEGORY_MODULES[self.dataset]}.CATEGORIES"))
+            found = [c for c in known if c in on_disk]
+        elif self.dataset == "mvtec_layout":
+            found = [c for c in on_disk if (self.root / c / "train").is_dir()]
+        else:
+            found = on_disk
+        if self.categories is not None:
+            missing = [c for c in self.categories if c not in found]
+            if missing:
+                msg = f"Source '{self.name}': categories {missing} not found under {self.root}. Available: {found}"
+                raise ValueError(msg)
+            found = list(self.categories)
+        return found
+
+    def category_datamodule(self, category: str) -> AnomalibDataModule:
+        """anomalib's own datamodule for one (unprefixed) category, prepared but not downloaded."""
+        cls = _import(DATASETS.get(self.dataset, self.dataset))
+        dm = cls(root=self.root, category=category, num_workers=0, **self.dataset_kwargs)
+        if self.dataset == "visa":
+            dm.prepare_data()  # splits the raw VisA folders into visa_pytorch/ once; the root was checked to exist
+        return dm
 
 
 class MultiClassDataset(AnomalibDataset):
@@ -107,6 +177,11 @@ class MultiClassDataModule(AnomalibDataModule):
         support_shots: build a support set of this many normal *training* images of each test
             category (``support_data`` / ``support_dataloader``), e.g. for unseen categories.
         dataset_kwargs: extra arguments for the wrapped datamodule (e.g. RealIAD's ``resolution``).
+        sources: instead of ``root``/``dataset``/``dataset_kwargs``, a union of datasets: a list of
+            ``{root, dataset, name, categories, dataset_kwargs}`` (:class:`DataSource`), each read
+            with its own anomalib reader. Categories are then named ``<name>/<category>``
+            (``name`` defaults to the dataset name) in ``categories``, ``test_categories``,
+            batches and the per-category table, which also averages per dataset.
         val_split_mode, val_split_ratio: the validation set, from which anomalib's
             post-processor learns its score normalisation and threshold. Default: 10 % of the
             normal *training* images, so nothing at test time depends on test images or
@@ -120,7 +195,7 @@ class MultiClassDataModule(AnomalibDataModule):
 
     def __init__(
         self,
-        root: str | Path,
+        root: str | Path | None = None,
         dataset: str = "mvtec_layout",
         categories: Sequence[str] | None = None,
         test_categories: Sequence[str] | None = None,
@@ -139,6 +214,7 @@ class MultiClassDataModule(AnomalibDataModule):
         val_split_ratio: float = 0.1,
         seed: int | None = 0,
         dataset_kwargs: dict[str, Any] | None = None,
+        sources: Sequence[dict[str, Any] | DataSource] | None = None,
     ) -> None:
         super().__init__(
             train_batch_size=train_batch_size,
@@ -154,9 +230,20 @@ class MultiClassDataModule(AnomalibDataModule):
             val_split_ratio=val_split_ratio,
             seed=seed,
         )
-        self.root = Path(root).expanduser()
-        self.dataset = _ALIASES.get(dataset, dataset)
-        self.dataset_kwargs = dict(dataset_kwargs or {})
+        if (root is None) == (sources is None):
+            msg = "Give either 'root' (one dataset) or 'sources' (a union of datasets), not both or neither"
+            raise ValueError(msg)
+        if sources is not None:
+            self.sources = [DataSource.from_config(source) for source in sources]
+            names = [source.name for source in self.sources]
+            if not self.sources or len(set(names)) != len(names):
+                msg = f"'sources' must be a non-empty list with distinct names, got {names}"
+                raise ValueError(msg)
+        else:
+            self.sources = [DataSource(Path(root).expanduser(), _ALIASES.get(dataset, dataset), "", None, dict(dataset_kwargs or {}))]
+        self.root = self.sources[0].root
+        self.dataset = self.sources[0].dataset if sources is None else "union"
+        self.dataset_kwargs = self.sources[0].dataset_kwargs
         if k_shot is not None and k_shot < 1:
             msg = f"k_shot must be >= 1, got {k_shot}"
             raise ValueError(msg)
@@ -187,24 +274,14 @@ class MultiClassDataModule(AnomalibDataModule):
         return len(self.train_categories)
 
     def available_categories(self) -> list[str]:
-        """Categories of the dataset that exist under ``root``."""
-        if not self.root.is_dir():
-            msg = f"Dataset root not found: {self.root}"
-            raise FileNotFoundError(msg)
-        on_disk = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        if self.dataset == "visa" and (self.root / "visa_pytorch").is_dir():
-            on_disk = sorted(p.name for p in (self.root / "visa_pytorch").iterdir() if p.is_dir())
-        if self.dataset in _CATEGORY_MODULES:
-            known = list(_import(f"{_CATEGORY_MODULES[self.dataset]}.CATEGORIES"))
-            return [c for c in known if c in on_disk]
-        if self.dataset == "mvtec_layout":
-            return [c for c in on_disk if (self.root / c / "train").is_dir()]
-        return on_disk
+        """Categories of the dataset(s) that exist under the root(s), as the datamodule names them."""
+        self._source_of = {source.qualified(c): (source, c) for source in self.sources for c in source.available_categories()}
+        return list(self._source_of)
 
     def _resolve_categories(self) -> tuple[list[str], list[str]]:
         available = self.available_categories()
         if not available:
-            msg = f"No categories found under {self.root} for dataset '{self.dataset}'"
+            msg = f"No categories found under {[str(src.root) for src in self.sources]} for dataset '{self.dataset}'"
             raise FileNotFoundError(msg)
 
         def check(requested: list[str] | None) -> list[str]:
@@ -212,7 +289,8 @@ class MultiClassDataModule(AnomalibDataModule):
                 return available
             unknown = [c for c in requested if c not in available]
             if unknown:
-                msg = f"Unknown or missing categor{'y' if len(unknown) == 1 else 'ies'} {unknown} under {self.root}. Available: {available}"
+                where = self.root if len(self.sources) == 1 else [str(src.root) for src in self.sources]
+                msg = f"Unknown or missing categor{'y' if len(unknown) == 1 else 'ies'} {unknown} under {where}. Available: {available}"
                 raise ValueError(msg)
             if len(set(requested)) != len(requested):
                 msg = f"Categories listed twice: {requested}"
@@ -225,12 +303,9 @@ class MultiClassDataModule(AnomalibDataModule):
 
     # ----------------------------------------------------------------- building
     def _category_datamodule(self, category: str) -> AnomalibDataModule:
-        """anomalib's own datamodule for one category, prepared but not downloaded."""
-        cls = _import(DATASETS.get(self.dataset, self.dataset))
-        dm = cls(root=self.root, category=category, num_workers=0, **self.dataset_kwargs)
-        if self.dataset == "visa":
-            dm.prepare_data()  # splits the raw VisA folders into visa_pytorch/ once; the root was checked to exist
-        return dm
+        """anomalib's own datamodule for one category (its source's reader and root)."""
+        source, name = self._source_of[category]
+        return source.category_datamodule(name)
 
     def _frames(self, categories: list[str]) -> tuple[list[pd.DataFrame], list[pd.DataFrame]]:
         train_frames, test_frames = [], []
@@ -258,7 +333,8 @@ class MultiClassDataModule(AnomalibDataModule):
             frame = by_cat_train[category]
             frame = frame[frame["label_index"] == 0]
             if len(frame) == 0:
-                msg = f"Category '{category}' has no normal training images under {self.root / category}"
+                source, name = self._source_of[category]
+                msg = f"Category '{category}' has no normal training images under {source.root / name}"
                 raise ValueError(msg)
             if self.k_shot is not None:
                 frame = self._pick(frame, self.k_shot, rng, category)

@@ -65,6 +65,8 @@ METRIC_COLUMNS: tuple[str, ...] = (
 )
 COLUMNS: tuple[str, ...] = ("category", "n_images", "n_anomalous", *METRIC_COLUMNS)
 MEAN_ROW = "mean"
+#: Separates a dataset name from a category name in a union of datasets (``"visa/pcb1"``).
+SOURCE_SEPARATOR = "/"
 
 ArrayLike = np.ndarray | torch.Tensor | Sequence[Any]
 
@@ -311,7 +313,8 @@ def compute_per_category_metrics(
         DataFrame with :data:`COLUMNS`; categories in order of first appearance, then ``mean``.
         Image metrics are NaN for a category whose images are all normal or all anomalous.
         The ``mean`` row is the NaN-skipping mean over categories of each metric (and the
-        totals of ``n_images``/``n_anomalous``).
+        totals of ``n_images``/``n_anomalous``). Categories named ``<dataset>/<category>`` from
+        two or more datasets (a union) also get a ``mean/<dataset>`` row per dataset.
     """
     names = [str(c) for c in categories]
     n = len(names)
@@ -342,16 +345,21 @@ def compute_per_category_metrics(
         rows.append(row)
 
     df = pd.DataFrame(rows, columns=list(COLUMNS))
-    mean_row: dict[str, Any] = {
-        "category": MEAN_ROW,
-        "n_images": int(df["n_images"].sum()),
-        "n_anomalous": int(df["n_anomalous"].sum()),
-    }
+    means = [_mean_row(df, MEAN_ROW)]
+    sources = list(dict.fromkeys(name.split(SOURCE_SEPARATOR, 1)[0] for name in groups if SOURCE_SEPARATOR in name))
+    if len(sources) > 1:  # a union of datasets: also the mean of each dataset, as the papers report them
+        means = [_mean_row(df[df["category"].str.startswith(f"{src}{SOURCE_SEPARATOR}")], f"{MEAN_ROW}{SOURCE_SEPARATOR}{src}") for src in sources] + means
+    df = pd.concat([df, pd.DataFrame(means, columns=list(COLUMNS))], ignore_index=True)
+    return df.astype({"n_images": int, "n_anomalous": int})
+
+
+def _mean_row(df: pd.DataFrame, name: str) -> dict[str, Any]:
+    """NaN-skipping unweighted mean of each metric over the rows of ``df``; image counts summed."""
+    row: dict[str, Any] = {"category": name, "n_images": int(df["n_images"].sum()), "n_anomalous": int(df["n_anomalous"].sum())}
     for column in METRIC_COLUMNS:
         values = df[column].astype(float)
-        mean_row[column] = float(values.mean(skipna=True)) if values.notna().any() else math.nan
-    df = pd.concat([df, pd.DataFrame([mean_row], columns=list(COLUMNS))], ignore_index=True)
-    return df.astype({"n_images": int, "n_anomalous": int})
+        row[column] = float(values.mean(skipna=True)) if values.notna().any() else math.nan
+    return row
 
 
 def format_table(df: pd.DataFrame) -> str:

@@ -101,3 +101,41 @@ def test_grayscale_and_rgba_files_are_read_as_rgb(synthetic_root: Path, tmp_path
     assert images["000.png"].shape == images["001.png"].shape == (3, 64, 64)
     gray = images["000.png"]
     torch.testing.assert_close(gray[0], gray[1])  # grayscale replicated to three channels
+
+
+def test_union_of_datasets_prefixes_categories_and_averages_per_dataset(synthetic_root: Path, tmp_path: Path) -> None:
+    """Two datasets that share a category folder name ('brick') stay apart as 'a/brick' and 'b/brick'."""
+    from anomalib_mcad.metrics.per_category import compute_per_category_metrics
+
+    second = tmp_path / "second"
+    for category in ("brick", "grass"):
+        shutil.copytree(synthetic_root / category, second / category)
+    sources = [
+        {"root": str(synthetic_root), "dataset": "mvtec_layout", "name": "a", "categories": ["brick", "washer"]},
+        {"root": str(second), "name": "b"},
+    ]
+    dm = MultiClassDataModule(sources=sources, train_batch_size=4, eval_batch_size=4, num_workers=0, val_split_mode="none")
+    dm.setup()
+    assert dm.category_names == ["a/brick", "a/washer", "b/brick", "b/grass"]
+    assert dm.num_train_categories == 4
+    assert len(dm.train_data) == 4 * 8
+    for name, path in zip(dm.test_data.samples["category"], dm.test_data.samples["image_path"], strict=True):
+        root = synthetic_root if name.startswith("a/") else second
+        assert Path(path).is_relative_to(root / name.split("/", 1)[1])
+    batch = next(iter(dm.test_dataloader()))
+    assert all(dm.category_names[i] == c for i, c in zip(batch.category_index.tolist(), batch.category, strict=True))
+
+    samples = dm.test_data.samples
+    labels = torch.tensor(samples["label_index"].to_numpy())
+    scores = labels.float() + torch.linspace(0, 0.5, len(labels))  # separable everywhere: AUROC 1 per category
+    table = compute_per_category_metrics(list(samples["category"]), labels, scores).set_index("category")
+    assert list(table.index[-3:]) == ["mean/a", "mean/b", "mean"]
+    assert table.loc["mean/a", "n_images"] == table.loc[["a/brick", "a/washer"], "n_images"].sum()
+    assert table.loc["mean", "image_AUROC"] == pytest.approx(1.0)
+
+    with pytest.raises(ValueError, match="either 'root'"):
+        MultiClassDataModule(root=synthetic_root, sources=sources)
+    with pytest.raises(ValueError, match="distinct names"):
+        MultiClassDataModule(sources=[sources[1], sources[1]])
+    with pytest.raises(ValueError, match=r"Source 'a': categories \['cable'\] not found"):
+        MultiClassDataModule(sources=[{**sources[0], "categories": ["cable"]}])
