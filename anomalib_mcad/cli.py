@@ -1,4 +1,4 @@
-"""``anomalib-mcad``: the plugin's own commands (the demo, dataset generation, model list).
+"""``anomalib-mcad``: the plugin's own commands (demo, dataset generation, model list, comparison).
 
 Training, testing and export go through anomalib's CLI with our class paths, e.g.
 ``anomalib train --model anomalib_mcad.Dinomaly --data anomalib_mcad.data.MultiClassDataModule``.
@@ -7,12 +7,13 @@ Training, testing and export go through anomalib's CLI with our class paths, e.g
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Sub-commands: ``demo``, ``synth``, ``models``."""
+    """Sub-commands: ``demo``, ``synth``, ``models``, ``compare``."""
     parser = argparse.ArgumentParser(prog="anomalib-mcad", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -31,17 +32,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("models", help="list the plugin's models")
+
+    sub.add_parser(
+        "compare",
+        help="train and test several models (ours and anomalib's) on the same data and seed, write one report "
+        "(anomalib-mcad compare --config configs/compare/synthetic_cpu.yaml; options: anomalib-mcad compare -h)",
+        add_help=False,
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``anomalib-mcad`` console script."""
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["synth"], ["compare"]):  # their own parsers read every option after the name
+        args, rest = argparse.Namespace(command=argv[0]), argv[1:]
+    else:
+        args, rest = parser.parse_known_args(argv)
     if args.command == "synth":
         from anomalib_mcad.data import synthetic  # noqa: PLC0415
 
         return synthetic.main(rest)
+    if args.command == "compare":
+        from anomalib_mcad import compare  # noqa: PLC0415
+
+        return compare.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "demo":

@@ -1,0 +1,208 @@
+"""The comparison's settings, read from a YAML file in anomalib's CLI style.
+
+Models and the datamodule are given as ``class_path`` + ``init_args``, exactly as in
+``anomalib fit --config``; they are instantiated with jsonargparse, as anomalib's CLI does, one at
+a time (after seeding), so a bad model entry fails that model only::
+
+    seed: 42
+    output_dir: compare_report
+    offline: true
+    trainer: {max_steps: 100, accelerator: auto}
+    data:
+      class_path: anomalib_mcad.data.MultiClassDataModule
+      init_args: {root: ./datasets/synthetic, num_workers: 0}
+    models:
+      - class_path: anomalib_mcad.MintAd
+        init_args: {pretrained: false}
+      - class_path: anomalib.models.Patchcore
+        init_args: {backbone: resnet18, pre_trained: false}
+        name: PatchCore (random ResNet-18)   # optional label
+        trainer: {max_epochs: 1}             # optional per-model trainer overrides
+      - class_path: anomalib.models.Dinomaly
+        random_weights: true                 # force pre_trained=False in its hard-coded encoder
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CompareSettings", "ModelSpec", "instantiate", "load_settings", "settings_parser"]
+
+#: Keys of a model entry besides ``class_path`` and ``init_args``.
+MODEL_KEYS = frozenset({"class_path", "init_args", "name", "trainer", "random_weights"})
+
+
+@dataclass
+class ModelSpec:
+    """One model of the comparison.
+
+    Args:
+        class_path: ``anomalib_mcad.Dinomaly``, ``anomalib.models.Patchcore``, any ``AnomalibModule``.
+        init_args: constructor arguments (nested ``class_path``/``init_args`` allowed, as in anomalib's CLI).
+        name: label in the report; default: the class path (made unique with ``#2``, ``#3``...).
+        trainer: Engine/Trainer arguments for this model only (over the common ``trainer``).
+        random_weights: build with ``pre_trained=False`` forced in anomalib's ``TimmFeatureExtractor``
+            (anomalib's Dinomaly and InpFormer hard-code ``pre_trained=True``).
+    """
+
+    class_path: str
+    init_args: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    trainer: dict[str, Any] = field(default_factory=dict)
+    random_weights: bool = False
+
+    @classmethod
+    def from_config(cls, entry: Mapping[str, Any] | ModelSpec | str) -> ModelSpec:
+        """From a YAML entry (mapping) or a bare class path."""
+        if isinstance(entry, ModelSpec):
+            return entry
+        if isinstance(entry, str):
+            return cls(class_path=entry)
+        unknown = set(entry) - MODEL_KEYS
+        if unknown:
+            msg = f"model entry {dict(entry)!r}: unknown keys {sorted(unknown)}; allowed: {sorted(MODEL_KEYS)}"
+            raise ValueError(msg)
+        if "class_path" not in entry:
+            msg = f"model entry {dict(entry)!r} has no class_path"
+            raise ValueError(msg)
+        return cls(
+            class_path=str(entry["class_path"]),
+            init_args=dict(entry.get("init_args") or {}),
+            name=entry.get("name"),
+            trainer=dict(entry.get("trainer") or {}),
+            random_weights=bool(entry.get("random_weights", False)),
+        )
+
+    @property
+    def label(self) -> str:
+        """The report's name of this model."""
+        return self.name or self.class_path
+
+
+def slug(text: str) -> str:
+    """A file-system-safe folder name for a model label."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
+
+
+@dataclass
+class CompareSettings:
+    """Everything :func:`anomalib_mcad.compare.compare` needs besides the models and data.
+
+    Args:
+        output_dir: report folder (created; an existing report in it is overwritten).
+        seed: ``seed_everything`` value before each model is built (same data, same initial randomness).
+        offline: block every pretrained-weight download (a model that needs one fails, with why).
+        trainer: Engine/Trainer arguments for every model (``accelerator`` defaults to ``auto``).
+        eval_size: resolution of the pixel metrics (``PerCategoryMetrics``); None = as predicted.
+        latency_warmup: untimed forwards before each latency measurement.
+        latency_runs: timed batch-1 forwards (the median is reported).
+        openvino: export each model to OpenVINO and time it.
+        figure_images: test images in the anomaly-map grid (one anomalous image per category first).
+    """
+
+    output_dir: Path = Path("compare_report")
+    seed: int = 42
+    offline: bool = True
+    trainer: dict[str, Any] = field(default_factory=dict)
+    eval_size: int | None = 256
+    latency_warmup: int = 3
+    latency_runs: int = 20
+    openvino: bool = True
+    figure_images: int = 6
+
+
+def settings_parser() -> Any:  # noqa: ANN401  (jsonargparse.ArgumentParser, imported lazily)
+    """jsonargparse parser of the comparison YAML (``--config``) and command-line overrides."""
+    from jsonargparse import ActionConfigFile, ArgumentParser  # noqa: PLC0415
+
+    parser = ArgumentParser(
+        prog="anomalib-mcad compare",
+        description="Train and test several anomaly-detection models on the same data and seed; write one report.",
+        exit_on_error=False,
+    )
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML file (configs/compare/*.yaml)")
+    parser.add_argument("--data", type=dict[str, Any], required=True, help="datamodule: class_path + init_args")
+    parser.add_argument("--models", type=list[dict[str, Any]], required=True, help="models: class_path + init_args (+ name, trainer, random_weights)")
+    defaults = CompareSettings()
+    parser.add_argument("--output_dir", type=Path, default=defaults.output_dir)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--offline", type=bool, default=defaults.offline)
+    parser.add_argument("--trainer", type=dict[str, Any], default={})
+    parser.add_argument("--eval_size", type=int | None, default=defaults.eval_size)
+    parser.add_argument("--latency_warmup", type=int, default=defaults.latency_warmup)
+    parser.add_argument("--latency_runs", type=int, default=defaults.latency_runs)
+    parser.add_argument("--openvino", type=bool, default=defaults.openvino)
+    parser.add_argument("--figure_images", type=int, default=defaults.figure_images)
+    return parser
+
+
+def load_settings(args: Sequence[str] | str | Path | Mapping[str, Any]) -> tuple[list[ModelSpec], dict[str, Any], CompareSettings]:
+    """``(models, data, settings)`` from command-line arguments, a YAML path or a mapping."""
+    parser = settings_parser()
+    if isinstance(args, Mapping):
+        cfg = parser.parse_object(dict(args))
+    elif isinstance(args, (str, Path)):
+        cfg = parser.parse_args(["--config", str(args)])
+    else:
+        cfg = parser.parse_args(list(args))
+    values = cfg.as_dict()
+    models = [ModelSpec.from_config(entry) for entry in values["models"]]
+    if not models:
+        msg = "the comparison needs at least one model"
+        raise ValueError(msg)
+    data = dict(values["data"])
+    if "class_path" not in data:
+        msg = f"data {data!r} has no class_path"
+        raise ValueError(msg)
+    settings = CompareSettings(
+        output_dir=Path(values["output_dir"]),
+        seed=int(values["seed"]),
+        offline=bool(values["offline"]),
+        trainer=dict(values["trainer"] or {}),
+        eval_size=values["eval_size"],
+        latency_warmup=int(values["latency_warmup"]),
+        latency_runs=int(values["latency_runs"]),
+        openvino=bool(values["openvino"]),
+        figure_images=int(values["figure_images"]),
+    )
+    return models, data, settings
+
+
+def import_class(class_path: str, base: type) -> type:
+    """The class named by ``class_path`` (``package.Name`` or ``package.module.Name``); must subclass ``base``."""
+    import importlib  # noqa: PLC0415
+
+    module_name, _, name = class_path.rpartition(".")
+    if not module_name:
+        msg = f"class_path {class_path!r} must be a full path such as 'anomalib.models.Patchcore'"
+        raise ValueError(msg)
+    cls = getattr(importlib.import_module(module_name), name, None)
+    if cls is None:
+        msg = f"class_path {class_path!r}: module {module_name!r} has no {name!r}"
+        raise ImportError(msg)
+    if not isinstance(cls, type) or not issubclass(cls, base):
+        msg = f"class_path {class_path!r} is not a subclass of {base.__module__}.{base.__qualname__}"
+        raise TypeError(msg)
+    return cls
+
+
+def instantiate(base: type, spec: Mapping[str, Any]) -> Any:  # noqa: ANN401
+    """Build ``class_path(**init_args)`` as anomalib's CLI does (jsonargparse, nested class paths).
+
+    jsonargparse checks the init args against the class's signature and builds nested
+    ``class_path``/``init_args`` values (e.g. a ``pre_processor``); the class itself is called
+    here, so an error raised by its constructor reaches the caller unchanged.
+    """
+    from jsonargparse import ArgumentParser  # noqa: PLC0415
+
+    cls = import_class(str(spec["class_path"]), base)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "obj", fail_untyped=False, instantiate=False, sub_configs=True)
+    cfg = parser.parse_object({"obj": dict(spec.get("init_args") or {})})
+    init = parser.instantiate_classes(cfg)
+    kwargs = {key: getattr(init.obj, key) for key in vars(init.obj)}
+    return cls(**kwargs)

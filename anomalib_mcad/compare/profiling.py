@@ -1,0 +1,155 @@
+"""Cost measurements of one model: parameters, FLOPs, latency (torch, OpenVINO), peak memory.
+
+Every function measures one thing and returns plain numbers, so the report can say how each
+was obtained:
+
+* parameters: ``numel`` of ``model.parameters()`` (buffers such as PatchCore's memory bank
+  are not parameters and are not counted);
+* FLOPs: :class:`torch.utils.flop_counter.FlopCounterMode` over one batch-1 forward of the
+  whole anomalib module (pre-processing, network, post-processing). It counts matrix products,
+  convolutions and attention (2 FLOPs per multiply-add); element-wise ops, resizing and
+  sorting count 0;
+* latency: median wall time of batch-1 forwards after warm-up, the torch module in eval mode
+  under ``torch.inference_mode`` and the exported OpenVINO model compiled in FP32;
+* memory: the process's resident set size (psutil), sampled by a background thread, and on
+  CUDA the allocator's peak.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+from torch import nn
+
+__all__ = [
+    "PeakMemory",
+    "count_flops",
+    "count_parameters",
+    "median_latency_ms",
+    "openvino_latency_ms",
+    "torch_latency_ms",
+]
+
+#: OpenVINO's CPU plugin runs in bfloat16 on CPUs that support it unless told otherwise.
+OPENVINO_FP32 = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(total, trainable)`` parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def count_flops(model: nn.Module, image: torch.Tensor) -> int:
+    """FLOPs of one ``model(image)`` call in eval mode (raises if the forward cannot run)."""
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+
+    was_training = model.training
+    # the counter's module tracker hooks autograd on inputs that require grad; a parameter used
+    # as a module input under no_grad (a learnable position encoding) then trips its assertion
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    model.eval()
+    try:
+        for p in requires_grad:
+            p.requires_grad_(False)
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(image)
+        return int(counter.get_total_flops())
+    finally:
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def median_latency_ms(run: Callable[[], Any], warmup: int, runs: int, synchronize: Callable[[], None] | None = None) -> float:
+    """Median wall time of ``run()`` in milliseconds after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        run()
+    if synchronize is not None:
+        synchronize()
+    times = []
+    for _ in range(max(1, runs)):
+        start = time.perf_counter()
+        run()
+        if synchronize is not None:
+            synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def torch_latency_ms(model: nn.Module, image: torch.Tensor, warmup: int = 3, runs: int = 20) -> float:
+    """Batch-1 latency of the whole anomalib module on ``image``'s device."""
+    was_training = model.training
+    model.eval()
+    sync = torch.cuda.synchronize if image.device.type == "cuda" else None
+    try:
+        with torch.inference_mode():
+            return median_latency_ms(lambda: model(image), warmup, runs, sync)
+    finally:
+        model.train(was_training)
+
+
+def openvino_latency_ms(xml_path: str | Path, image: np.ndarray, warmup: int = 3, runs: int = 20, device: str = "CPU") -> float:
+    """Batch-1 latency of an exported OpenVINO model compiled in FP32 on ``device``."""
+    import openvino as ov  # noqa: PLC0415
+
+    compiled = ov.Core().compile_model(str(xml_path), device, OPENVINO_FP32)
+    request = compiled.create_infer_request()
+    return median_latency_ms(lambda: request.infer([image]), warmup, runs)
+
+
+class PeakMemory:
+    """Peak resident memory of this process while the ``with`` block runs (and CUDA peak).
+
+    A daemon thread samples ``psutil.Process().memory_info().rss`` every ``interval`` seconds;
+    spikes shorter than the interval can be missed. On CUDA the allocator's
+    ``max_memory_allocated`` is reset on entry and read on exit.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak_rss_bytes = 0
+        self.start_rss_bytes = 0
+        self.peak_cuda_bytes: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._process = psutil.Process()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_rss_bytes = max(self.peak_rss_bytes, self._process.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        """Start sampling."""
+        self.start_rss_bytes = self.peak_rss_bytes = self._process.memory_info().rss
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, name="peak-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        """Stop sampling; take a last sample."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak_rss_bytes = max(self.peak_rss_bytes, self._process.memory_info().rss)
+        if torch.cuda.is_available():
+            self.peak_cuda_bytes = int(torch.cuda.max_memory_allocated())
+
+    @property
+    def peak_rss_mb(self) -> float:
+        """Peak RSS in MiB."""
+        return self.peak_rss_bytes / 2**20
