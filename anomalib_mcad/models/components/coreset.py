@@ -1,0 +1,212 @@
+"""Coreset subsampling and an exportable nearest-neighbour memory bank.
+
+Shared by MaskAD (nominal visual feature pool for the reference map) and PMAD's ProtoFlow
+(nominal prototypes). The greedy selection itself is anomalib's
+:class:`~anomalib.models.components.sampling.KCenterGreedy` (PatchCore's sampler); this module
+adds a seed, an exact-count option and clear errors, and a bank whose search is plain
+matmul/argmin so it traces into ONNX/OpenVINO.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from anomalib.models.components.dimensionality_reduction import SparseRandomProjection
+from anomalib.models.components.sampling import KCenterGreedy
+from torch import nn
+
+from anomalib_mcad.models.components.validation import is_exporting
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's and numpy's global RNGs for the block, then restore them.
+
+    KCenterGreedy draws its start point from torch's global RNG and its sparse random projection
+    from torch's and numpy's global RNGs (it has no seed argument).
+    """
+    np_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)  # noqa: NPY002 - KCenterGreedy uses the global numpy RNG
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)  # noqa: NPY002
+
+
+def coreset_size(n_features: int, sampling_ratio: float | None = None, n_samples: int | None = None) -> int:
+    """Number of rows a coreset keeps: ``n_samples`` or ``int(n * sampling_ratio)``, at least 1."""
+    if (sampling_ratio is None) == (n_samples is None):
+        msg = "Give exactly one of sampling_ratio and n_samples"
+        raise ValueError(msg)
+    if n_samples is not None:
+        if n_samples < 1:
+            msg = f"n_samples must be >= 1, got {n_samples}"
+            raise ValueError(msg)
+        return min(int(n_samples), n_features)
+    if not 0.0 < float(sampling_ratio) <= 1.0:  # type: ignore[arg-type]
+        msg = f"sampling_ratio must be in (0, 1], got {sampling_ratio}"
+        raise ValueError(msg)
+    return max(1, int(n_features * float(sampling_ratio)))  # type: ignore[arg-type]
+
+
+def kcenter_greedy_indices(
+    features: torch.Tensor,
+    sampling_ratio: float | None = None,
+    n_samples: int | None = None,
+    seed: int = 0,
+    project: bool | None = None,
+) -> torch.Tensor:
+    """Indices of a k-center-greedy coreset of ``features`` (N, D), deterministic for a seed.
+
+    Args:
+        features: rows to subsample.
+        sampling_ratio: keep ``int(N * ratio)`` rows (at least one); or
+        n_samples: keep this many rows (capped at N).
+        seed: seeds the start point and the random projection.
+        project: run the greedy search in anomalib's sparse random projection (PatchCore's speed
+            trick, distances preserved approximately); ``False`` searches the exact features;
+            ``None`` projects only when the projection has fewer dimensions than D.
+
+    Returns:
+        LongTensor (k,) of distinct row indices, on ``features``' device.
+    """
+    if features.ndim != 2:
+        msg = f"features must be (N, D), got shape {tuple(features.shape)}"
+        raise ValueError(msg)
+    n_features = features.shape[0]
+    if n_features == 0:
+        msg = "Cannot build a coreset from an empty feature set (no training features were collected)"
+        raise ValueError(msg)
+    size = coreset_size(n_features, sampling_ratio, n_samples)
+    if size >= n_features:
+        return torch.arange(n_features, device=features.device)
+    embedding = features.detach().float()
+    if project is None:
+        project = SparseRandomProjection._johnson_lindenstrauss_min_dim(n_features, eps=0.9) < features.shape[1]  # noqa: SLF001
+    # A 3-D embedding makes KCenterGreedy skip its random projection (exact distances).
+    sampler = KCenterGreedy(embedding if project else embedding.unsqueeze(1), sampling_ratio=1.0)
+    sampler.coreset_size = size
+    with _seeded(seed):
+        indices = sampler.select_coreset_idxs()
+    return torch.as_tensor(indices, dtype=torch.long, device=features.device)
+
+
+class NearestNeighbourBank(nn.Module):
+    """A memory of feature rows with a category label each, searched by exact L2 distance.
+
+    Buffers ``memory`` (M, D) and ``labels`` (M,) are empty until :meth:`fit`; they are saved in
+    the state dict and resized when a checkpoint is loaded, as anomalib's PatchCore does.
+
+    The search is ``|q|^2 - 2 q m^T + |m|^2`` followed by ``argmin`` and a gather: no
+    data-dependent Python branching, so it exports. Restricting to a category sets the other
+    rows' distances to +inf.
+
+    Args:
+        chunk_size: queries per distance block (bounds memory for big banks; the loop runs over
+            a static count, so it traces).
+    """
+
+    def __init__(self, chunk_size: int = 4096) -> None:
+        super().__init__()
+        self.chunk_size = int(chunk_size)
+        self.register_buffer("memory", torch.empty(0, 0))
+        self.register_buffer("labels", torch.empty(0, dtype=torch.long))
+        self.memory: torch.Tensor
+        self.labels: torch.Tensor
+
+    @property
+    def is_empty(self) -> bool:
+        """True before :meth:`fit`."""
+        return self.memory.shape[0] == 0
+
+    def fit(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Store ``features`` (M, D) with their category ``labels`` (M,) (all zero if None)."""
+        if features.ndim != 2 or features.shape[0] == 0:
+            msg = f"NearestNeighbourBank.fit needs a non-empty (M, D) tensor, got shape {tuple(features.shape)}"
+            raise ValueError(msg)
+        if labels is None:
+            labels = torch.zeros(features.shape[0], dtype=torch.long, device=features.device)
+        if labels.shape != (features.shape[0],):
+            msg = f"labels must be ({features.shape[0]},), got {tuple(labels.shape)}"
+            raise ValueError(msg)
+        self.memory = features.detach().float().contiguous().to(self.memory.device)
+        self.labels = labels.detach().long().to(self.memory.device)
+
+    def fit_per_category(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        sampling_ratio: float,
+        seed: int = 0,
+        project: bool | None = None,
+    ) -> None:
+        """Fit on a k-center-greedy coreset of each category's rows (``sampling_ratio`` each)."""
+        if features.ndim != 2 or features.shape[0] == 0:
+            msg = f"fit_per_category needs a non-empty (N, D) tensor, got shape {tuple(features.shape)}"
+            raise ValueError(msg)
+        kept = []
+        for category in torch.unique(labels).tolist():
+            rows = torch.nonzero(labels == category).squeeze(1)
+            picked = kcenter_greedy_indices(features[rows], sampling_ratio=sampling_ratio, seed=seed, project=project)
+            kept.append(rows[picked])
+        index = torch.cat(kept)
+        self.fit(features[index], labels[index])
+
+    def nearest(
+        self,
+        query: torch.Tensor,
+        category: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Nearest memory row of every query vector.
+
+        Args:
+            query: (..., D). With ``category`` it must be (B, ..., D).
+            category: optional (B,) category index per batch item; only rows with that label
+                are searched (a category with no rows gives +inf distances).
+
+        Returns:
+            neighbours (..., D), L2 distances (...), memory indices (...).
+        """
+        if self.is_empty:
+            msg = "The nearest-neighbour bank is empty: fit the model on training data before inference"
+            raise RuntimeError(msg)
+        if not is_exporting() and query.shape[-1] != self.memory.shape[1]:
+            msg = f"query has {query.shape[-1]} channels, the bank holds {self.memory.shape[1]}-d rows"
+            raise ValueError(msg)
+        lead = query.shape[:-1]
+        flat = query.reshape(-1, query.shape[-1])
+        if category is not None:
+            if not is_exporting() and (query.ndim < 2 or category.shape != query.shape[:1]):
+                msg = f"category must be (B,) for a (B, ..., D) query, got {tuple(category.shape)} for {tuple(query.shape)}"
+                raise ValueError(msg)
+            per_item = flat.shape[0] // query.shape[0]
+            row_category = category.to(self.labels.device).long().repeat_interleave(per_item)
+        memory_sq = (self.memory * self.memory).sum(1)
+        dists, idxs = [], []
+        for start in range(0, flat.shape[0], self.chunk_size):
+            chunk = flat[start : start + self.chunk_size]
+            sq = (chunk * chunk).sum(1, keepdim=True) - 2.0 * chunk @ self.memory.T + memory_sq
+            if category is not None:
+                other = row_category[start : start + self.chunk_size, None] != self.labels[None, :]
+                sq = sq.masked_fill(other, float("inf"))
+            dist, idx = sq.min(dim=1)
+            dists.append(dist)
+            idxs.append(idx)
+        sq_dist = torch.cat(dists)
+        index = torch.cat(idxs)
+        neighbours = self.memory[index].reshape(*lead, -1)
+        return neighbours, sq_dist.clamp_min(0).sqrt().reshape(lead), index.reshape(lead)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+        """Resize the empty buffers to the checkpoint's shapes before loading."""
+        for name in ("memory", "labels"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,0 +1,123 @@
+"""k-center-greedy coreset indices and the exportable nearest-neighbour bank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anomalib_mcad.models.components.coreset import NearestNeighbourBank, kcenter_greedy_indices
+
+
+def test_kcenter_greedy_is_deterministic_for_a_seed_and_distinct() -> None:
+    features = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
+    first = kcenter_greedy_indices(features, sampling_ratio=0.1, seed=3)
+    assert first.shape == (30,)
+    assert first.dtype == torch.long
+    assert len(set(first.tolist())) == 30
+    assert torch.equal(first, kcenter_greedy_indices(features, sampling_ratio=0.1, seed=3))
+    assert not torch.equal(first, kcenter_greedy_indices(features, sampling_ratio=0.1, seed=4))
+    assert kcenter_greedy_indices(features, n_samples=7, seed=0).shape == (7,)
+    assert kcenter_greedy_indices(features, n_samples=1000).shape == (300,)
+
+
+def test_kcenter_greedy_covers_far_clusters() -> None:
+    """Four tight, far-apart clusters: a 4-point k-center coreset takes one point from each."""
+    centres = torch.tensor([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0], [100.0, 100.0]])
+    features = (centres[:, None] + 0.01 * torch.randn(4, 50, 2)).reshape(200, 2)
+    picked = kcenter_greedy_indices(features, n_samples=4, seed=0, project=False)
+    assert sorted((picked // 50).tolist()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sampling_ratio": 0.0}, "sampling_ratio must be in"),
+        ({"sampling_ratio": 1.5}, "sampling_ratio must be in"),
+        ({"n_samples": 0}, "n_samples must be"),
+        ({}, "exactly one"),
+        ({"sampling_ratio": 0.1, "n_samples": 3}, "exactly one"),
+    ],
+)
+def test_kcenter_greedy_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        kcenter_greedy_indices(torch.randn(10, 3), **kwargs)
+
+
+def test_kcenter_greedy_empty_input() -> None:
+    with pytest.raises(ValueError, match="empty feature set"):
+        kcenter_greedy_indices(torch.empty(0, 4), sampling_ratio=0.5)
+
+
+def test_bank_nearest_matches_cdist_and_category_restriction() -> None:
+    gen = torch.Generator().manual_seed(1)
+    bank = NearestNeighbourBank(chunk_size=7)  # several chunks
+    memory = torch.randn(40, 6, generator=gen)
+    labels = torch.arange(40) % 3
+    bank.fit(memory, labels)
+    query = torch.randn(2, 5, 6, generator=gen)
+    neighbours, distances, indices = bank.nearest(query)
+    reference = torch.cdist(query.reshape(-1, 6), memory).min(1)
+    assert neighbours.shape == (2, 5, 6)
+    assert distances.shape == indices.shape == (2, 5)
+    assert torch.equal(indices.reshape(-1), reference.indices)
+    assert torch.allclose(distances.reshape(-1), reference.values, atol=1e-4)
+    assert torch.equal(neighbours, memory[indices])
+    _, cat_dist, cat_idx = bank.nearest(query, category=torch.tensor([2, 0]))
+    assert (labels[cat_idx[0]] == 2).all()
+    assert (labels[cat_idx[1]] == 0).all()
+    assert (cat_dist >= distances - 1e-5).all()
+
+
+def test_bank_fit_per_category_keeps_every_category() -> None:
+    features = torch.randn(90, 4)
+    labels = torch.arange(90) // 30
+    bank = NearestNeighbourBank()
+    bank.fit_per_category(features, labels, sampling_ratio=0.2, seed=0)
+    assert bank.memory.shape == (18, 4)
+    assert torch.bincount(bank.labels).tolist() == [6, 6, 6]
+
+
+def test_bank_checkpoint_round_trip_resizes_buffers() -> None:
+    bank = NearestNeighbourBank()
+    bank.fit(torch.randn(12, 3), torch.arange(12) % 2)
+    restored = NearestNeighbourBank()
+    restored.load_state_dict(bank.state_dict())
+    assert torch.equal(restored.memory, bank.memory)
+    assert torch.equal(restored.labels, bank.labels)
+
+
+def test_empty_bank_and_wrong_width_are_clear_errors() -> None:
+    bank = NearestNeighbourBank()
+    with pytest.raises(RuntimeError, match="bank is empty"):
+        bank.nearest(torch.randn(2, 3))
+    bank.fit(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="channels"):
+        bank.nearest(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="non-empty"):
+        bank.fit(torch.empty(0, 3))
+
+
+def test_bank_search_exports_to_onnx_and_runs_in_openvino(tmp_path) -> None:  # noqa: ANN001
+    """ONNX export of the search, read and run by OpenVINO: same neighbours and distances."""
+    import openvino as ov  # noqa: PLC0415
+
+    bank = NearestNeighbourBank(chunk_size=4)
+    bank.fit(torch.randn(20, 3), torch.arange(20) % 2)
+
+    class Search(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bank = bank
+
+        def forward(self, query: torch.Tensor, category: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            neighbours, distances, _ = self.bank.nearest(query, category)
+            return neighbours, distances
+
+    query, category = torch.randn(2, 9, 3), torch.tensor([1, 0])
+    path = tmp_path / "bank.onnx"
+    torch.onnx.export(Search(), (query, category), path, dynamo=False)
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    outputs = compiled([query.numpy(), category.numpy()])
+    expected = Search()(query, category)
+    assert torch.allclose(torch.from_numpy(outputs[0]), expected[0], atol=1e-5)
+    assert torch.allclose(torch.from_numpy(outputs[1]), expected[1], atol=1e-4)
