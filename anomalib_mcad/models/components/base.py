@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from anomalib import LearningType
+from anomalib.data import Batch
 from anomalib.models.components import AnomalibModule
 from lightning.pytorch import Callback
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
 
 
 class McadModule(AnomalibModule):
@@ -15,6 +21,9 @@ class McadModule(AnomalibModule):
       ``mcad_module``, which is abstract).
     * ``test`` prints and saves the per-category table
       (:class:`~anomalib_mcad.metrics.PerCategoryMetrics`) unless ``per_category_metrics=False``.
+    * What every model of ours does alike: validation scores the images alone (no labels),
+      trainer arguments (gradient clipping from the ``gradient_clip_val`` hyperparameter, no
+      sanity validation; the training length is the user's) and the one-class learning type.
     """
 
     per_category_metrics: bool = True
@@ -30,3 +39,24 @@ class McadModule(AnomalibModule):
 
             callbacks.insert(0, PerCategoryMetrics())
         return callbacks
+
+    @property
+    def scoring_network(self) -> nn.Module:
+        """The torch model that scores images (models built lazily override this to name a missing build)."""
+        return self.model
+
+    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:  # noqa: ANN401
+        """Score the batch from the images alone: image scores and anomaly maps."""
+        del args, kwargs
+        predictions = self.scoring_network(batch.image)
+        return batch.update(pred_score=predictions.pred_score, anomaly_map=predictions.anomaly_map)
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """Gradient clipping as the authors (``gradient_clip_val`` hyperparameter); no sanity validation."""
+        return {"gradient_clip_val": self.hparams.get("gradient_clip_val"), "num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """Unsupervised (one-class): trained on normal images only; category labels are not anomaly labels."""
+        return LearningType.ONE_CLASS

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.post_processing import PostProcessor
@@ -138,12 +137,6 @@ class Dinomaly(McadModule):
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch.image.shape[0])
         return {"loss": loss}
 
-    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:  # noqa: ANN401
-        """Score the batch: image scores and anomaly maps."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(pred_score=predictions.pred_score, anomaly_map=predictions.anomaly_map)
-
     def configure_optimizers(self) -> OptimizerLRScheduler:
         """StableAdamW (AMSGrad) with warm-up + cosine, stepped per iteration."""
         hp = self.hparams
@@ -159,13 +152,3 @@ class Dinomaly(McadModule):
             total_steps=self.trainer.estimated_stepping_batches,
             length_hint="set trainer max_steps (10000 in the paper) or max_epochs",
         )
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """Gradient clipping as the authors; no sanity validation. Training length is the user's."""
-        return {"gradient_clip_val": self.hparams.gradient_clip_val, "num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """Unsupervised: trained on normal images only."""
-        return LearningType.ONE_CLASS

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.post_processing import PostProcessor
@@ -146,12 +145,6 @@ class InpFormer(McadModule):
         self.log("train_coherence", losses["coherence"], on_step=True, on_epoch=False, batch_size=n)
         return {"loss": losses["loss"], "reconstruction": losses["reconstruction"].detach(), "coherence": losses["coherence"].detach()}
 
-    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:  # noqa: ANN401
-        """Score the batch: image scores and anomaly maps."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(pred_score=predictions.pred_score, anomaly_map=predictions.anomaly_map)
-
     def configure_optimizers(self) -> OptimizerLRScheduler:
         """StableAdamW (AMSGrad) with warm-up + cosine, stepped per iteration."""
         hp = self.hparams
@@ -167,13 +160,3 @@ class InpFormer(McadModule):
             total_steps=self.trainer.estimated_stepping_batches,
             length_hint="set trainer max_epochs (200 in the paper) or max_steps",
         )
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """Gradient clipping as the authors; no sanity validation. Training length is the user's."""
-        return {"gradient_clip_val": self.hparams.gradient_clip_val, "num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """Unsupervised (one-class) for every setting; few-/zero-shot differ only in the data."""
-        return LearningType.ONE_CLASS

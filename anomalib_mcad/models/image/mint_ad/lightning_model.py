@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.post_processing import PostProcessor
@@ -171,6 +170,11 @@ class MintAd(McadModule):
         size = image_size or (getattr(self, "image_size", 224),) * 2
         return PreProcessor(transform=Compose([Resize(tuple(size), antialias=True), Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]))
 
+    @property
+    def scoring_network(self) -> MintAdModel:
+        """The network; built when training starts or a checkpoint is loaded."""
+        return self._require_model()
+
     def _require_model(self) -> MintAdModel:
         if self.model is None:
             msg = f"MINT-AD's network is built when training starts (num_classes=None). {NO_CATEGORIES_HINT}"
@@ -211,12 +215,6 @@ class MintAd(McadModule):
             self.log("train_class_accuracy", accuracy, on_step=True, on_epoch=False, batch_size=size)
         return {"loss": losses["loss"], **{k: v.detach() for k, v in losses.items() if k != "loss"}}
 
-    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:  # noqa: ANN401
-        """Score the batch from the images alone (no labels)."""
-        del args, kwargs
-        predictions = self._require_model()(batch.image)
-        return batch.update(pred_score=predictions.pred_score, anomaly_map=predictions.anomaly_map)
-
     def configure_optimizers(self) -> OptimizerLRScheduler:
         """AdamW; the rate drops by ``lr_drop_factor`` after ``lr_drop_at`` of the training steps."""
         hp = self.hparams
@@ -228,13 +226,3 @@ class MintAd(McadModule):
         milestone = max(int(int(total) * hp.lr_drop_at), 1)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[milestone], gamma=hp.lr_drop_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """Gradient clipping as UniAD; no sanity validation. Training length is the user's."""
-        return {"gradient_clip_val": self.hparams.gradient_clip_val, "num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """Unsupervised: normal images only (category labels are not anomaly labels)."""
-        return LearningType.ONE_CLASS
