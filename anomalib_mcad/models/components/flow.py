@@ -41,6 +41,9 @@ class ConditionalFlow(nn.Module):
         clamp: affine clamping of the couplings (CFlow/ProtoFlow: 1.9).
         condition_dim: width of the positional condition, a multiple of 4; 0 = unconditional.
         hidden_ratio: subnet hidden width / subnet input width (anomalib's CFlow uses 2).
+        permute_soft: FrEIA's soft (random orthogonal) channel mixing between couplings instead of a
+            hard permutation (PMAD's and CFlow's authors use ``True``); fixed at construction and
+            saved in the state dict either way.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class ConditionalFlow(nn.Module):
         clamp: float = 1.9,
         condition_dim: int = 128,
         hidden_ratio: float = 2.0,
+        permute_soft: bool = False,
     ) -> None:
         super().__init__()
         if in_channels < 2:
@@ -71,7 +75,7 @@ class ConditionalFlow(nn.Module):
                 subnet_constructor=_subnet_factory(hidden_ratio),
                 affine_clamping=clamp,
                 global_affine_type="SOFTPLUS",
-                permute_soft=False,
+                permute_soft=permute_soft,
                 **extra,
             )
 
