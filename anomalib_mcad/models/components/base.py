@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from anomalib import LearningType
@@ -10,6 +11,27 @@ from anomalib.models.components import AnomalibModule
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
+
+
+#: Key of the plugin's record in a Lightning checkpoint.
+CHECKPOINT_KEY = "anomalib_mcad"
+#: Checkpoint layout number; raised when a change would make older code misread a checkpoint.
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not belong to the model it is being loaded into."""
+
+
+def _plain(value: Any) -> Any:  # noqa: ANN401
+    """``value`` with paths turned into strings, so the checkpoint loads with ``weights_only=True``."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    return value
 
 
 class McadModule(AnomalibModule):
@@ -21,6 +43,10 @@ class McadModule(AnomalibModule):
       ``mcad_module``, which is abstract).
     * ``test`` prints and saves the per-category table
       (:class:`~anomalib_mcad.metrics.PerCategoryMetrics`) unless ``per_category_metrics=False``.
+    * Checkpoints record the plugin version, a checkpoint format number and the model class
+      under ``checkpoint["anomalib_mcad"]``, and hold only plain types (they load with
+      ``torch.load(weights_only=True)``). Loading a checkpoint of another model, or of a newer
+      format, is a :class:`CheckpointMismatchError` that says what the file holds.
     * What every model of ours does alike: validation scores the images alone (no labels),
       trainer arguments (gradient clipping from the ``gradient_clip_val`` hyperparameter, no
       sanity validation; the training length is the user's) and the one-class learning type.
@@ -60,3 +86,55 @@ class McadModule(AnomalibModule):
     def learning_type(self) -> LearningType:
         """Unsupervised (one-class): trained on normal images only; category labels are not anomaly labels."""
         return LearningType.ONE_CLASS
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record version, format and class; keep the hyperparameters loadable with ``weights_only``."""
+        super().on_save_checkpoint(checkpoint)
+        from anomalib_mcad import __version__  # noqa: PLC0415
+
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = _plain(dict(checkpoint["hyper_parameters"]))
+        checkpoint[CHECKPOINT_KEY] = {
+            "version": __version__,
+            "format": CHECKPOINT_FORMAT,
+            "model": f"{type(self).__module__}.{type(self).__qualname__}",
+            "config": _plain(dict(self.hparams)),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another model or of a newer format, naming what it holds."""
+        super().on_load_checkpoint(checkpoint)
+        record = checkpoint.get(CHECKPOINT_KEY)
+        name = type(self).__name__
+        if record is not None:
+            written_by = str(record.get("model", "?"))
+            if written_by.rsplit(".", 1)[-1] != name:
+                msg = (
+                    f"This checkpoint holds {written_by} (anomalib_mcad {record.get('version', '?')}); "
+                    f"it cannot be loaded into {type(self).__module__}.{name}. Load it with that class."
+                )
+                raise CheckpointMismatchError(msg)
+            if int(record.get("format", 0)) > CHECKPOINT_FORMAT:
+                msg = (
+                    f"This checkpoint was written by anomalib_mcad {record.get('version', '?')} in checkpoint format "
+                    f"{record.get('format')}; this installation reads format {CHECKPOINT_FORMAT} or older. Upgrade anomalib_mcad."
+                )
+                raise CheckpointMismatchError(msg)
+            return
+        # No record: a checkpoint of an earlier plugin version, or of another library's model.
+        network = getattr(self, "model", None)
+        state = checkpoint.get("state_dict", {})
+        if network is None or not state:
+            return
+        ours = {f"model.{k}": v.shape for k, v in network.state_dict().items()}
+        theirs = {k: getattr(v, "shape", None) for k, v in state.items() if k.startswith("model.")}
+        missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+        resized = sorted(k for k in ours.keys() & theirs.keys() if theirs[k] is not None and tuple(theirs[k]) != tuple(ours[k]))
+        if missing or unexpected or resized:
+            msg = (
+                f"This checkpoint was not written by anomalib_mcad's {name} (it has no '{CHECKPOINT_KEY}' record) and its "
+                f"weights do not fit: {len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+                f"(e.g. {unexpected[:2]}), {len(resized)} of another shape (e.g. {resized[:2]}). Is it a checkpoint of "
+                f"another model (such as anomalib's own {name}) or of other constructor arguments?"
+            )
+            raise CheckpointMismatchError(msg)
