@@ -102,6 +102,8 @@ class CompareSettings:
         latency_runs: timed batch-1 forwards (the median is reported).
         openvino: export each model to OpenVINO and time it.
         figure_images: test images in the anomaly-map grid (one anomalous image per category first).
+        save_images: keep anomalib's Visualizer, which saves one figure per test image and model
+            (slow on a CPU); off by default unless a model's ``init_args`` set ``visualizer``.
     """
 
     output_dir: Path = Path("compare_report")
@@ -113,6 +115,7 @@ class CompareSettings:
     latency_runs: int = 20
     openvino: bool = True
     figure_images: int = 6
+    save_images: bool = False
 
 
 def settings_parser() -> Any:  # noqa: ANN401  (jsonargparse.ArgumentParser, imported lazily)
@@ -137,6 +140,7 @@ def settings_parser() -> Any:  # noqa: ANN401  (jsonargparse.ArgumentParser, imp
     parser.add_argument("--latency_runs", type=int, default=defaults.latency_runs)
     parser.add_argument("--openvino", type=bool, default=defaults.openvino)
     parser.add_argument("--figure_images", type=int, default=defaults.figure_images)
+    parser.add_argument("--save_images", type=bool, default=defaults.save_images)
     return parser
 
 
@@ -168,6 +172,7 @@ def load_settings(args: Sequence[str] | str | Path | Mapping[str, Any]) -> tuple
         latency_runs=int(values["latency_runs"]),
         openvino=bool(values["openvino"]),
         figure_images=int(values["figure_images"]),
+        save_images=bool(values["save_images"]),
     )
     return models, data, settings
 

@@ -66,6 +66,7 @@ def mean_table(results: Sequence[ModelResult]) -> pd.DataFrame:
             "gflops": r.flops / 1e9 if r.flops is not None else None,
             "flops_note": r.flops_note or "",
             "train_time_s": r.train_time_s,
+            "train_steps": r.train_steps,
             "test_time_s": r.test_time_s,
             "input_size": "x".join(map(str, r.input_size)) if r.input_size else "",
             "device": r.device or "",
@@ -123,13 +124,14 @@ def _markdown(header: dict[str, Any], means: pd.DataFrame, per_category: pd.Data
             _num(r.params_trainable / 1e6 if r.params_trainable is not None else None, ".3f"),
             _num(r.flops / 1e9 if r.flops is not None else None, ".3f", r.flops_note or ""),
             _num(r.train_time_s, ".1f"),
+            _num(r.train_steps, ".0f"),
             _num(r.latency_torch_ms, ".1f"),
             _num(r.latency_openvino_ms, ".1f", r.openvino_note or ""),
             _num(r.peak_rss_train_mb, ".0f"),
             _num(r.peak_rss_test_mb, ".0f"),
         ])
     parts.append(_md_table(
-        ["model", "params (M)", "trainable (M)", "GFLOPs", "train time (s)", "torch latency (ms)", "OpenVINO latency (ms)", "peak RSS train (MiB)", "peak RSS test (MiB)"],
+        ["model", "params (M)", "trainable (M)", "GFLOPs", "train time (s)", "train steps", "torch latency (ms)", "OpenVINO latency (ms)", "peak RSS train (MiB)", "peak RSS test (MiB)"],
         cost_rows,
     ))
     parts += [

@@ -67,6 +67,7 @@ class ModelResult:
     flops: int | None = None
     flops_note: str | None = None
     train_time_s: float | None = None
+    train_steps: int | None = None  # optimizer steps actually run (a model's trainer_arguments can override ours)
     test_time_s: float | None = None
     device: str | None = None
     input_size: tuple[int, int] | None = None
@@ -183,6 +184,8 @@ def run_model(
             model = instantiate(AnomalibModule, {"class_path": spec.class_path, "init_args": spec.init_args})
             if hasattr(model, "per_category_metrics"):
                 model.per_category_metrics = False  # computed once, by the Engine's callback below
+            if not settings.save_images and "visualizer" not in spec.init_args:
+                model.visualizer = None  # one PNG per test image and model: slow, and the report has its own grid
             result.stage = "data"
             datamodule = make_datamodule(data)
             metrics = PerCategoryMetrics(eval_size=settings.eval_size, output_dir=output_dir, print_table=False)
@@ -196,6 +199,7 @@ def run_model(
                 start = time.perf_counter()
                 engine.fit(model=model, datamodule=datamodule)
                 result.train_time_s = time.perf_counter() - start
+                result.train_steps = int(engine.trainer.global_step)
             result.peak_rss_train_mb = memory.peak_rss_mb
             result.params_total, result.params_trainable = count_parameters(model)
 
