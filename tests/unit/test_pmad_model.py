@@ -1,0 +1,219 @@
+"""PMAD's tokenizers, masked image model, ProtoFlow, proposal masking, scoring and bad-input errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+from anomalib_mcad.models.image.pmad import DalleTokenizer, MaskedImageModel, Pmad, PmadModel, VqViTTokenizer
+from anomalib_mcad.models.image.pmad.protoflow import aggregate_scales
+from anomalib_mcad.models.image.pmad.torch_model import MVTEC_MASK_RATIOS
+
+TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+SMALL = {
+    "arch": TINY_VIT,
+    "img_size": 64,
+    "patch_size": 8,
+    "tokenizer": "small",
+    "proto_backbone": "efficientnet_lite0",
+    "proto_pretrained": False,
+    "condition_dim": 16,
+    "coreset_ratio": 0.2,
+}
+
+
+@pytest.fixture(scope="module")
+def fitted() -> PmadModel:
+    """A tiny PmadModel with prototypes from random 'training' images and a likelihood reference."""
+    torch.manual_seed(0)
+    model = PmadModel(**SMALL).eval()
+    train = torch.randn(4, 3, 64, 64)
+    emb = model.protoflow.embed(train)
+    rows = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+    labels = torch.tensor([0, 0, 1, 1]).repeat_interleave(emb.shape[-2] * emb.shape[-1])
+    model.protoflow.set_prototypes(*model.protoflow.fit_prototypes(rows, labels))
+    with torch.no_grad():
+        model.protoflow.reference_nll.fill_(float(model.protoflow(train).min()))
+    return model
+
+
+def test_small_tokenizer_grid_range_and_determinism() -> None:
+    tok = VqViTTokenizer.small(img_size=64, patch_size=8, codebook_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    ids = tok(x)
+    assert ids.shape == (2, 64) and ids.dtype == torch.long
+    assert int(ids.min()) >= 0 and int(ids.max()) < 64
+    assert len(torch.unique(ids)) > 8  # a random codebook still spreads patches over many codes
+    torch.testing.assert_close(tok(x), ids)
+    assert not any(p.requires_grad for p in tok.parameters())
+    tok.train()
+    assert not tok.training  # frozen target generator
+
+
+def test_vq_tokenizer_loads_the_authors_checkpoint_layout(tmp_path: Path) -> None:
+    """Authors' file: encoder.*, encode_task_layer.*, quantize.embedding.weight plus decoder keys (ignored)."""
+    src = VqViTTokenizer.small(seed=3)
+    state = {("quantize.embedding.weight" if k == "codebook" else k): v for k, v in src.state_dict().items()}
+    state["decoder.blocks.0.norm1.weight"] = torch.ones(4)
+    state["quantize.embedding.cluster_size"] = torch.zeros(64)
+    torch.save({"model": state}, tmp_path / "vit_tokenizer.pth")
+    loaded = VqViTTokenizer(64, 8, embed_dim=32, depth=1, num_heads=2, codebook_size=64, code_dim=8, weights=tmp_path / "vit_tokenizer.pth", seed=9)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(loaded(x), src(x))
+
+
+def test_dalle_tokenizer_architecture_and_weights(tmp_path: Path) -> None:
+    tok = DalleTokenizer(n_hid=16, n_blk_per_group=1, vocab_size=32, input_size=64)
+    x = torch.randn(1, 3, 128, 128)  # 2x the encoder's input: average-pooled
+    assert tok.logits(x).shape == (1, 32, 8, 8)
+    assert tok(x).shape == (1, 64)
+    # DALL-E's own conv names its tensors w / b
+    state = {k.replace(".weight", ".w").replace(".bias", ".b"): v for k, v in tok.state_dict().items()}
+    torch.save(state, tmp_path / "encoder.pt")
+    again = DalleTokenizer(n_hid=16, n_blk_per_group=1, vocab_size=32, input_size=64, weights=tmp_path / "encoder.pt")
+    torch.testing.assert_close(again(x), tok(x))
+
+
+def test_masked_image_model_mask_token_and_masked_only() -> None:
+    torch.manual_seed(0)
+    mim = MaskedImageModel(TINY_VIT, img_size=64, patch_size=8, vocab_size=16, drop_path=0.0).eval()
+    assert mim.grid == (8, 8)
+    x = torch.randn(2, 3, 64, 64)
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[0, :5] = True
+    mask[1, 10:13] = True
+    full = mim(x, mask)
+    assert full.shape == (2, 64, 16)
+    torch.testing.assert_close(mim(x, mask, masked_only=True), full[mask])
+    # a masked patch's content does not reach the model: changing it changes nothing at masked positions' input
+    y = x.clone()
+    y[0, :, :8, :8] += 5.0  # patch 0 of image 0 is masked
+    torch.testing.assert_close(mim(y, mask)[0], full[0])
+    assert not torch.allclose(mim(x, torch.zeros_like(mask))[0], full[0])
+
+
+def test_masked_image_model_loads_beit_layout(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    src = MaskedImageModel(TINY_VIT, img_size=64, patch_size=8, vocab_size=16)
+    state = {k.removeprefix("encoder."): v for k, v in src.state_dict().items() if not k.endswith("relative_position_index")}
+    torch.save({"model": state}, tmp_path / "beit.pth")
+    loaded = MaskedImageModel(TINY_VIT, img_size=64, patch_size=8, vocab_size=16, pretrained=tmp_path / "beit.pth")
+    for key, value in src.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
+    with pytest.raises(ValueError, match="local file"):
+        MaskedImageModel(TINY_VIT, img_size=64, patch_size=8, vocab_size=16, pretrained=True)
+
+
+def test_paper_sizes() -> None:
+    """Table 5: ViT-B 12 x 768 (12 heads), ViT-L 24 x 1024 (16 heads), head size 64, patch 16; 8192 codes."""
+    from anomalib_mcad.models.image.pmad.torch_model import ARCHITECTURES
+
+    assert ARCHITECTURES["base"] == {"embed_dim": 768, "depth": 12, "num_heads": 12}
+    assert ARCHITECTURES["large"] == {"embed_dim": 1024, "depth": 24, "num_heads": 16}
+    mim = MaskedImageModel("base", vocab_size=8192, drop_path=0.0)
+    assert mim.grid == (14, 14) and mim.lm_head.out_features == 8192
+    assert mim.encoder.blocks[0].mlp.fc1.out_features == 3072
+    assert mim.encoder.pos_embed is None and mim.encoder.rel_pos_bias is not None  # shared relative position bias
+    assert sorted(MVTEC_MASK_RATIOS.values())[0] == 0.04 and len(MVTEC_MASK_RATIOS) == 15
+
+
+def test_aggregate_scales_repeats_the_coarse_map() -> None:
+    fine, coarse = torch.randn(1, 3, 8, 8), torch.randn(1, 5, 4, 4)
+    out = aggregate_scales([fine, coarse])
+    assert out.shape == (1, 8, 8, 8)
+    pooled = F.avg_pool2d(coarse, 3, 1, 1)
+    torch.testing.assert_close(out[:, 3:, 2:4, 6:8], pooled[:, :, 1:2, 3:4].expand(-1, -1, 2, 2))
+
+
+def test_prototypes_residual_and_abnormality(fitted: PmadModel) -> None:
+    pf = fitted.protoflow
+    memory = pf.bank.memory
+    assert memory.shape[1] == pf.channels and set(pf.bank.labels.tolist()) == {0, 1}
+    # a prototype's own residual is zero
+    residual = pf.residual(memory[:4].reshape(1, 2, 2, -1).permute(0, 3, 1, 2))
+    assert float(residual.abs().max()) == 0.0
+    nll = torch.tensor([[[float(pf.reference_nll) - 1.0, float(pf.reference_nll), float(pf.reference_nll) + 2.0]]])
+    weight = pf.abnormality(nll)
+    torch.testing.assert_close(weight, torch.tensor([[[0.0, 0.0, 1.0 - torch.exp(torch.tensor(-2.0)).item()]]]))
+
+
+def test_proposal_mask_takes_exactly_k_highest(fitted: PmadModel) -> None:
+    nll = torch.arange(64.0).reshape(1, 8, 8).repeat(2, 1, 1)
+    mask = fitted.proposal_mask(nll, torch.tensor([3, 10]))
+    assert mask.shape == (2, 64)
+    assert mask.sum(1).tolist() == [3, 10]
+    assert mask[0, -3:].all() and mask[1, -10:].all()  # the highest NLL patches
+
+
+def test_scores_image_alone_equal_scores_in_a_batch(fitted: PmadModel) -> None:
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        batch = fitted(x)
+        alone = [fitted(x[i : i + 1]) for i in range(3)]
+    assert batch.anomaly_map.shape == (3, 1, 64, 64)
+    for i in range(3):
+        torch.testing.assert_close(alone[i].pred_score, batch.pred_score[i : i + 1])
+        torch.testing.assert_close(alone[i].anomaly_map, batch.anomaly_map[i : i + 1])
+    torch.testing.assert_close(batch.pred_score, batch.anomaly_map.flatten(1).amax(1))
+
+
+def test_map_is_token_error_at_masked_patches_times_abnormality(fitted: PmadModel) -> None:
+    x = torch.randn(1, 3, 64, 64)
+    counts = torch.tensor([5])
+    with torch.no_grad():
+        nll = fitted.proposal_nll(x)
+        mask = fitted.proposal_mask(nll, counts)
+        errors = fitted.token_errors(x, mask) * mask
+        token_map = F.interpolate(errors.reshape(1, 1, 8, 8), size=(64, 64), mode="bilinear", align_corners=True)
+        weight = F.interpolate(fitted.protoflow.abnormality(nll).unsqueeze(1), size=(64, 64), mode="bilinear", align_corners=True)
+        expected = fitted.blur(token_map * weight)
+        out = fitted(x, mask_counts=counts)
+    torch.testing.assert_close(out.anomaly_map, expected)
+    assert int((errors > 0).sum()) <= 5
+    # more masked patches: more of the map is non-zero before smoothing
+    with torch.no_grad():
+        wide = fitted(x, mask_counts=torch.tensor([40]))
+    assert float((wide.anomaly_map > 1e-6).float().mean()) >= float((out.anomaly_map > 1e-6).float().mean())
+
+
+def test_bad_inputs_are_clear_errors(fitted: PmadModel) -> None:
+    with pytest.raises(ValueError, match="3-channel"):
+        fitted(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="NaN"):
+        fitted(torch.full((1, 3, 64, 64), float("nan")))
+    with pytest.raises(ValueError, match="at least 64x64"):
+        fitted(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="built for 64x64"):
+        fitted(torch.randn(1, 3, 72, 72))
+    with pytest.raises(RuntimeError, match="train the model"):
+        PmadModel(**SMALL)(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="open interval"):
+        PmadModel(**SMALL, default_mask_ratio=1.0)
+    with pytest.raises(ValueError, match="tokenizer must be"):
+        PmadModel(**{**SMALL, "tokenizer": "bpe"})
+
+
+def test_lightning_ratios_and_errors() -> None:
+    kwargs = {
+        "arch": TINY_VIT,
+        "image_size": 64,
+        "patch_size": 8,
+        "tokenizer": "small",
+        "proto_backbone": "efficientnet_lite0",
+        "proto_pretrained": False,
+        "condition_dim": 16,
+    }
+    model = Pmad(**kwargs)
+    assert model.mask_ratio("screw") == 0.04 and model.mask_ratio("mvtec/wood") == 0.46
+    assert model.mask_ratio("brick") == 0.3 and model.mask_ratio(None) == 0.3
+    with pytest.raises(ValueError, match="open interval"):
+        Pmad(**kwargs, mask_ratios={"bottle": 0.0})
+    with pytest.raises(ValueError, match="open interval"):
+        Pmad(**kwargs, default_mask_ratio=1.2)
+    with pytest.raises(ValueError, match="cannot fit"):
+        Pmad(**kwargs, default_mask_ratio=0.05)  # 3 patches of an 8x8 grid: less than one block of 4
+    with pytest.raises(ValueError, match="prototype_search"):
+        Pmad(**kwargs, prototype_search="nearest")
