@@ -108,8 +108,8 @@ class NearestNeighbourBank(nn.Module):
     rows' distances to +inf.
 
     Args:
-        chunk_size: queries per distance block (bounds memory for big banks; the loop runs over
-            a static count, so it traces).
+        chunk_size: queries per distance block in eager mode (bounds memory for big banks); an
+            exported graph searches all queries in one block so its batch size stays dynamic.
     """
 
     def __init__(self, chunk_size: int = 4096) -> None:
@@ -188,13 +188,15 @@ class NearestNeighbourBank(nn.Module):
             per_item = flat.shape[0] // query.shape[0]
             row_category = category.to(self.labels.device).long().repeat_interleave(per_item)
         memory_sq = (self.memory * self.memory).sum(1)
+        # Exported graphs search in one block: a loop over a dynamic query count would fix it.
+        step = flat.shape[0] if is_exporting() else self.chunk_size
         dists, idxs = [], []
-        for start in range(0, flat.shape[0], self.chunk_size):
-            chunk = flat[start : start + self.chunk_size]
+        for start in range(0, flat.shape[0], step) if not is_exporting() else [0]:
+            chunk = flat[start : start + step] if not is_exporting() else flat
             sq = (chunk * chunk).sum(1, keepdim=True) - 2.0 * chunk @ self.memory.T + memory_sq
             if category is not None:
-                other = row_category[start : start + self.chunk_size, None] != self.labels[None, :]
-                sq = sq.masked_fill(other, float("inf"))
+                rows = row_category[start : start + step] if not is_exporting() else row_category
+                sq = sq.masked_fill(rows[:, None] != self.labels[None, :], float("inf"))
             dist, idx = sq.min(dim=1)
             dists.append(dist)
             idxs.append(idx)
