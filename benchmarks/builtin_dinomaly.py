@@ -26,6 +26,8 @@ from unittest import mock
 import torch
 from torch import nn
 
+from anomalib_mcad.compare.offline import DownloadBlockedError, block_downloads, random_backbone_weights
+
 #: Constructor arguments that make our DinomalyModel follow the built-in's conventions.
 BUILTIN_CONVENTIONS: dict[str, Any] = {
     "mlp_bias": False,
@@ -38,29 +40,17 @@ _BUILTIN_ENCODER = "encoder.feature_extractor."
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
-class DownloadAttemptedError(RuntimeError):
-    """Raised if anything tries to load pretrained timm weights while the built-in is built."""
+#: Raised if anything tries to load pretrained weights while the built-in is built.
+DownloadAttemptedError = DownloadBlockedError
 
 
 @contextmanager
 def no_pretrained_download() -> Iterator[None]:
-    """Force ``pre_trained=False`` in the built-in's encoder and forbid timm's pretrained loading."""
-    import timm.models._builder as timm_builder  # noqa: PLC0415
-    from anomalib.models.components.feature_extractors import TimmFeatureExtractor  # noqa: PLC0415
-    from anomalib.models.image.dinomaly import torch_model as builtin_module  # noqa: PLC0415
+    """Force ``pre_trained=False`` in the built-in's encoder and forbid every weight download.
 
-    def random_extractor(*args: Any, **kwargs: Any) -> TimmFeatureExtractor:  # noqa: ANN401
-        kwargs["pre_trained"] = False
-        return TimmFeatureExtractor(*args, **kwargs)
-
-    def refuse(*_: Any, **__: Any) -> None:  # noqa: ANN401
-        msg = "a pretrained-weights download was attempted; the parity tools must stay offline"
-        raise DownloadAttemptedError(msg)
-
-    with (
-        mock.patch.object(builtin_module, "TimmFeatureExtractor", random_extractor),
-        mock.patch.object(timm_builder, "load_pretrained", refuse),
-    ):
+    The guards live in :mod:`anomalib_mcad.compare.offline` (the comparison command uses them too).
+    """
+    with random_backbone_weights(), block_downloads("the parity tools must stay offline"):
         yield
 
 

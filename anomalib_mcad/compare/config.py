@@ -104,6 +104,8 @@ class CompareSettings:
         figure_images: test images in the anomaly-map grid (one anomalous image per category first).
         save_images: keep anomalib's Visualizer, which saves one figure per test image and model
             (slow on a CPU); off by default unless a model's ``init_args`` set ``visualizer``.
+        anomalib_evaluator: keep anomalib's Evaluator (its own metrics at every validation and
+            test, not used by the report); off by default unless ``init_args`` set ``evaluator``.
     """
 
     output_dir: Path = Path("compare_report")
@@ -116,6 +118,7 @@ class CompareSettings:
     openvino: bool = True
     figure_images: int = 6
     save_images: bool = False
+    anomalib_evaluator: bool = False
 
 
 def settings_parser() -> Any:  # noqa: ANN401  (jsonargparse.ArgumentParser, imported lazily)
@@ -131,16 +134,17 @@ def settings_parser() -> Any:  # noqa: ANN401  (jsonargparse.ArgumentParser, imp
     parser.add_argument("--data", type=dict[str, Any], required=True, help="datamodule: class_path + init_args")
     parser.add_argument("--models", type=list[dict[str, Any]], required=True, help="models: class_path + init_args (+ name, trainer, random_weights)")
     defaults = CompareSettings()
-    parser.add_argument("--output_dir", type=Path, default=defaults.output_dir)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--offline", type=bool, default=defaults.offline)
-    parser.add_argument("--trainer", type=dict[str, Any], default={})
-    parser.add_argument("--eval_size", type=int | None, default=defaults.eval_size)
-    parser.add_argument("--latency_warmup", type=int, default=defaults.latency_warmup)
-    parser.add_argument("--latency_runs", type=int, default=defaults.latency_runs)
-    parser.add_argument("--openvino", type=bool, default=defaults.openvino)
-    parser.add_argument("--figure_images", type=int, default=defaults.figure_images)
-    parser.add_argument("--save_images", type=bool, default=defaults.save_images)
+    parser.add_argument("--output_dir", type=Path, default=defaults.output_dir, help="report folder")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed_everything before each model is built")
+    parser.add_argument("--offline", type=bool, default=defaults.offline, help="block every pretrained-weight download")
+    parser.add_argument("--trainer", type=dict[str, Any], default={}, help="Engine/Trainer arguments for every model")
+    parser.add_argument("--eval_size", type=int | None, default=defaults.eval_size, help="resolution of the pixel metrics (null: as predicted)")
+    parser.add_argument("--latency_warmup", type=int, default=defaults.latency_warmup, help="untimed batch-1 forwards")
+    parser.add_argument("--latency_runs", type=int, default=defaults.latency_runs, help="timed batch-1 forwards (median reported)")
+    parser.add_argument("--openvino", type=bool, default=defaults.openvino, help="export to OpenVINO and time it")
+    parser.add_argument("--figure_images", type=int, default=defaults.figure_images, help="test images in the anomaly-map grid")
+    parser.add_argument("--save_images", type=bool, default=defaults.save_images, help="keep anomalib's Visualizer (one PNG per test image and model)")
+    parser.add_argument("--anomalib_evaluator", type=bool, default=defaults.anomalib_evaluator, help="keep anomalib's Evaluator (metrics not used by the report)")
     return parser
 
 
@@ -173,6 +177,7 @@ def load_settings(args: Sequence[str] | str | Path | Mapping[str, Any]) -> tuple
         openvino=bool(values["openvino"]),
         figure_images=int(values["figure_images"]),
         save_images=bool(values["save_images"]),
+        anomalib_evaluator=bool(values["anomalib_evaluator"]),
     )
     return models, data, settings
 

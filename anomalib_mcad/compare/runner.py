@@ -186,6 +186,8 @@ def run_model(
                 model.per_category_metrics = False  # computed once, by the Engine's callback below
             if not settings.save_images and "visualizer" not in spec.init_args:
                 model.visualizer = None  # one PNG per test image and model: slow, and the report has its own grid
+            if not settings.anomalib_evaluator and "evaluator" not in spec.init_args:
+                model.evaluator = None  # a second metric set at every validation and test; the report uses PerCategoryMetrics
             result.stage = "data"
             datamodule = make_datamodule(data)
             metrics = PerCategoryMetrics(eval_size=settings.eval_size, output_dir=output_dir, print_table=False)
