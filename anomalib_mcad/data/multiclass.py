@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 import torch
 from anomalib.data import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
@@ -130,6 +131,10 @@ class DataSource:
         return dm
 
 
+class ImageReadError(OSError):
+    """An image or mask file of the dataset that cannot be used; the message names the file."""
+
+
 class MultiClassDataset(AnomalibDataset):
     """Images of several categories in one dataset; items are :class:`CategoryImageItem`.
 
@@ -148,9 +153,31 @@ class MultiClassDataset(AnomalibDataset):
         return list(dict.fromkeys(self.samples["category"]))
 
     def __getitem__(self, index: int) -> CategoryImageItem:
-        """Read the image (and mask) as anomalib does, then attach its category."""
-        item = super().__getitem__(index)
+        """Read the image (and mask) as anomalib does, then attach its category.
+
+        Raises:
+            ImageReadError: the image or mask file is unreadable, truncated or not an image
+                (the message names the file), or the mask's size differs from the image's.
+        """
         row = self.samples.iloc[index]
+        mask_path = row.get("mask_path")
+        has_mask = isinstance(mask_path, str) and mask_path != ""
+        try:
+            if has_mask:
+                with Image.open(row["image_path"]) as image, Image.open(mask_path) as mask:
+                    if image.size != mask.size:
+                        msg = (
+                            f"Mask {mask_path} is {mask.size[0]}x{mask.size[1]} but its image {row['image_path']} is "
+                            f"{image.size[0]}x{image.size[1]}: ground truth must have the image's size"
+                        )
+                        raise ImageReadError(msg)
+            item = super().__getitem__(index)
+        except ImageReadError:
+            raise
+        except (OSError, ValueError, SyntaxError) as err:  # PIL: UnidentifiedImageError, truncated files, bad headers
+            culprit = mask_path if has_mask and str(mask_path) in str(err) else row["image_path"]
+            msg = f"Cannot read {culprit} (sample {index} of category '{row['category']}'): {err}"
+            raise ImageReadError(msg) from err
         values = {f.name: getattr(item, f.name) for f in fields(item)}
         return CategoryImageItem(**values, category=str(row["category"]), category_index=torch.tensor(int(row["category_index"])))
 
@@ -311,7 +338,11 @@ class MultiClassDataModule(AnomalibDataModule):
         train_frames, test_frames = [], []
         for category in categories:
             dm = self._category_datamodule(category)
-            dm._setup()  # noqa: SLF001 - anomalib's documented hook that builds train_data / test_data only
+            try:
+                dm._setup()  # noqa: SLF001 - anomalib's documented hook that builds train_data / test_data only
+            except RuntimeError as err:  # anomalib's readers: "Found 0 images in <folder>"
+                msg = f"Category '{category}' cannot be read: {err} (an empty category folder?)"
+                raise ValueError(msg) from err
             index = self.category_names.index(category)
             for frames, data in ((train_frames, dm.train_data), (test_frames, dm.test_data)):
                 frame = data.samples.copy()

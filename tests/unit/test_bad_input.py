@@ -1,0 +1,130 @@
+"""Bad input, for every model of ours and for the multi-class datamodule: clear errors that name the problem.
+
+The model part is parametrized over :func:`anomalib_mcad.list_models`, each model built from its own
+``configs/<model>/tiny_cpu.yaml`` with random weights, so a new model is covered as soon as it is
+registered and ships its tiny config.
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from anomalib_mcad import get_model, list_models
+from anomalib_mcad.data import MultiClassDataModule
+from anomalib_mcad.data.multiclass import ImageReadError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_network(name: str) -> tuple[torch.nn.Module, int]:
+    """The torch network of model ``name`` from its tiny CPU config (random weights), and its input size."""
+    config = yaml.safe_load((REPO / "configs" / name / "tiny_cpu.yaml").read_text())
+    kwargs: dict[str, Any] = dict(config["model"].get("init_args", {}))
+    for key in ("pretrained", "tokenizer_pretrained", "flow_pretrained"):
+        if key in kwargs:
+            kwargs[key] = False
+    module = get_model(name, **kwargs)
+    if getattr(module, "model", None) is None and "num_classes" in inspect.signature(type(module)).parameters:
+        module = get_model(name, **kwargs, num_classes=2)  # class-aware models build their head for known categories
+    size = int(kwargs.get("crop_size") or kwargs.get("image_size") or 224)
+    return module.model.eval(), size
+
+
+@pytest.fixture(scope="module", params=list_models())
+def network(request: pytest.FixtureRequest) -> tuple[str, torch.nn.Module, int]:
+    net, size = tiny_network(request.param)
+    return request.param, net, size
+
+
+def test_every_model_has_a_tiny_config() -> None:
+    missing = [name for name in list_models() if not (REPO / "configs" / name / "tiny_cpu.yaml").is_file()]
+    assert not missing, f"models without configs/<model>/tiny_cpu.yaml: {missing}"
+
+
+def test_good_input_is_scored(network: tuple[str, torch.nn.Module, int]) -> None:
+    name, net, size = network
+    with torch.no_grad():
+        out = net(torch.rand(2, 3, size, size))
+    assert out.pred_score.shape == (2,), name
+    assert torch.isfinite(out.pred_score).all() and torch.isfinite(out.anomaly_map).all(), name
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda s: torch.rand(1, 1, s, s), r"3-channel .* 1 channel"),
+        (lambda s: torch.rand(1, 4, s, s), r"3-channel .* 4 channel"),
+        (lambda s: torch.rand(3, s, s), r"shape \(B, 3, H, W\)"),
+        (lambda s: torch.rand(1, 3, 8, 8), r"at least|multiple"),
+        (lambda s: torch.full((1, 3, s, s), float("nan")), "NaN or Inf"),
+        (lambda s: torch.rand(1, 3, s, s).index_fill_(2, torch.tensor([0]), float("inf")), "NaN or Inf"),
+    ],
+    ids=["grayscale", "rgba", "no-batch", "too-small", "nan", "inf"],
+)
+def test_bad_tensors_are_named(network: tuple[str, torch.nn.Module, int], make: Any, match: str) -> None:  # noqa: ANN401
+    name, net, size = network
+    with pytest.raises(ValueError, match=match), torch.no_grad():
+        net(make(size))
+
+
+# ----------------------------------------------------------------------------- the datamodule
+@pytest.fixture
+def damaged_root(synthetic_root: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "brick", root / "brick")
+    return root
+
+
+def first(dm: MultiClassDataModule, data: str) -> None:
+    dataset = getattr(dm, data)
+    for i in range(len(dataset)):
+        dataset[i]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unreadable_image_names_the_file(damaged_root: Path, damage: str) -> None:
+    victim = sorted((damaged_root / "brick" / "train" / "good").glob("*.png"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(b"not an image" if damage == "garbage" else data[: len(data) // 2])
+    dm = MultiClassDataModule(root=damaged_root, num_workers=0, val_split_mode="none")
+    dm.setup()
+    with pytest.raises(ImageReadError, match=str(victim)):
+        first(dm, "train_data")
+
+
+def test_grayscale_and_rgba_files_load_as_rgb(damaged_root: Path) -> None:
+    images = sorted((damaged_root / "brick" / "train" / "good").glob("*.png"))
+    Image.open(images[0]).convert("L").save(images[0])
+    Image.open(images[1]).convert("RGBA").save(images[1])
+    dm = MultiClassDataModule(root=damaged_root, num_workers=0, val_split_mode="none")
+    dm.setup()
+    paths = list(dm.train_data.samples["image_path"])
+    for image in images[:2]:
+        item = dm.train_data[paths.index(str(image))]
+        assert item.image.shape[0] == 3
+
+
+def test_mask_of_another_size_names_both_files(damaged_root: Path) -> None:
+    mask = sorted((damaged_root / "brick" / "ground_truth").rglob("*.png"))[0]
+    Image.open(mask).resize((16, 16)).save(mask)
+    dm = MultiClassDataModule(root=damaged_root, num_workers=0, val_split_mode="none")
+    dm.setup()
+    with pytest.raises(ImageReadError, match=rf"Mask {mask} is 16x16 but its image .* is 64x64"):
+        first(dm, "test_data")
+
+
+def test_empty_category_and_unknown_category(damaged_root: Path) -> None:
+    (damaged_root / "empty" / "train" / "good").mkdir(parents=True)
+    (damaged_root / "empty" / "test" / "good").mkdir(parents=True)
+    with pytest.raises((ValueError, FileNotFoundError), match="empty"):
+        MultiClassDataModule(root=damaged_root, num_workers=0).setup()
+    with pytest.raises(ValueError, match=r"Unknown or missing category \['cable'\]"):
+        MultiClassDataModule(root=damaged_root, categories=["brick", "cable"])
