@@ -99,3 +99,17 @@ def test_openvino_matches_torch(tmp_path) -> None:  # noqa: ANN001
         expected = Score()(features)
     for got, want in zip((outputs[0], outputs[1]), expected, strict=True):
         assert torch.allclose(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_flow_pickles_for_torch_export() -> None:
+    """anomalib's torch export pickles the whole module; FrEIA's lambda activation is replaced."""
+    import io  # noqa: PLC0415
+
+    flow = tiny_flow(8).eval()
+    features = torch.randn(1, 6, 3, 3)
+    buffer = io.BytesIO()
+    torch.save(flow, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(restored.abnormality(features), flow.abnormality(features))

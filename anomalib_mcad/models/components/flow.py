@@ -10,6 +10,7 @@ encoding of its position (anomalib's ``positional_encoding_2d``). Built from FrE
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -20,6 +21,11 @@ from FrEIA.modules import AllInOneBlock
 from torch import nn
 
 from anomalib_mcad.models.components.validation import is_exporting
+
+
+def _softplus_scale(softplus: nn.Module, scale: torch.Tensor) -> torch.Tensor:
+    """FrEIA's SOFTPLUS global scale activation, as a module-level function so the flow pickles."""
+    return 0.1 * softplus(scale)
 
 
 def _subnet_factory(hidden_ratio: float) -> Callable[[int, int], nn.Module]:
@@ -78,6 +84,9 @@ class ConditionalFlow(nn.Module):
                 permute_soft=permute_soft,
                 **extra,
             )
+        for block in self.flow.module_list:
+            # FrEIA stores this activation as a lambda, which torch.save (anomalib's torch export) cannot pickle
+            block.global_scale_activation = functools.partial(_softplus_scale, block.softplus)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent ``z`` (B, C, H, W) and log |det J| per patch (B, H, W)."""
