@@ -4,7 +4,7 @@ Every function measures one thing and returns plain numbers, so the report can s
 was obtained:
 
 * parameters: ``numel`` of ``model.parameters()`` (buffers such as PatchCore's memory bank
-  are not parameters and are not counted);
+  are not parameters and are not counted); trainable = those the trainer's optimizers update;
 * FLOPs: :class:`torch.utils.flop_counter.FlopCounterMode` over one batch-1 forward of the
   whole anomalib module (pre-processing, network, post-processing). It counts matrix products,
   convolutions and attention (2 FLOPs per multiply-add); element-wise ops, resizing and
@@ -20,7 +20,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -43,10 +43,20 @@ __all__ = [
 OPENVINO_FP32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(total, trainable)`` parameter counts."""
+def count_parameters(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] | None = None) -> tuple[int, int]:
+    """``(total, trainable)`` parameter counts.
+
+    Trainable = handed to one of ``optimizers`` (the trainer's, after fit) and requiring grad:
+    PaDiM or PatchCore leave ``requires_grad`` on in a backbone they never update, so the
+    flag alone would count it. Without ``optimizers``: every parameter that requires grad.
+    """
     params = list(model.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    if optimizers is None:
+        trainable = [p for p in params if p.requires_grad]
+    else:
+        optimized = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+        trainable = [p for p in params if p.requires_grad and id(p) in optimized]
+    return sum(p.numel() for p in params), sum(p.numel() for p in trainable)
 
 
 def count_flops(model: nn.Module, image: torch.Tensor) -> int:

@@ -136,7 +136,8 @@ def _markdown(header: dict[str, Any], means: pd.DataFrame, per_category: pd.Data
     ))
     parts += [
         "",
-        "How measured: parameters = `numel` of `model.parameters()` (buffers such as a memory bank excluded); "
+        "How measured: parameters = `numel` of `model.parameters()` (buffers such as a memory bank excluded), "
+        "trainable = those the trainer's optimizers update; "
         "GFLOPs = `torch.utils.flop_counter.FlopCounterMode` over one batch-1 forward of the anomalib module "
         "(pre-processing + network + post-processing) at the dataset's image size (matmul, conv and attention, "
         "2 FLOPs per multiply-add; element-wise ops count 0); train time = wall time of `engine.fit` (includes validation); "

@@ -203,7 +203,7 @@ def run_model(
                 result.train_time_s = time.perf_counter() - start
                 result.train_steps = int(engine.trainer.global_step)
             result.peak_rss_train_mb = memory.peak_rss_mb
-            result.params_total, result.params_trainable = count_parameters(model)
+            result.params_total, result.params_trainable = count_parameters(model, engine.trainer.optimizers)
 
             result.stage = "test"
             with PeakMemory() as memory:

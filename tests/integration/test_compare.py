@@ -40,11 +40,11 @@ def report(synthetic_root: Path, tiny_dinomaly_kwargs: dict[str, Any], tmp_path_
         "seed": 0,
         "output_dir": str(out),
         "offline": True,
-        "trainer": {"max_steps": 3, "accelerator": "cpu", "enable_model_summary": False, "enable_progress_bar": False},
+        "trainer": {"max_steps": 2, "accelerator": "cpu", "enable_model_summary": False, "enable_progress_bar": False},
         "eval_size": 64,
         "latency_warmup": 1,
         "latency_runs": 2,
-        "figure_images": 3,
+        "figure_images": 2,
         "data": {
             "class_path": "anomalib_mcad.data.MultiClassDataModule",
             "init_args": {"root": str(synthetic_root), "train_batch_size": 8, "eval_batch_size": 16, "num_workers": 0},
@@ -124,7 +124,7 @@ def test_costs_are_measured_and_scores_are_raw(report: dict[str, Any]) -> None:
         assert row["gflops"] > 0 and row["train_time_s"] > 0 and row["train_steps"] >= 1
         assert row["latency_torch_ms"] > 0 and row["latency_openvino_ms"] > 0, row["openvino_note"]
         assert row["peak_rss_train_mb"] > 100 and row["peak_rss_test_mb"] > 100
-    # our Dinomaly trains a decoder on a frozen encoder; PaDiM's backbone is frozen (it only fits Gaussians)
+    # our Dinomaly trains a decoder on a frozen encoder; PaDiM has no optimizer (it only fits Gaussians)
     assert 0 < means.loc["ours", "params_trainable"] < means.loc["ours", "params_total"]
     assert means.loc["padim", "params_trainable"] == 0
 
