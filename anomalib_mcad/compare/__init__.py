@@ -68,6 +68,16 @@ def _versions() -> str:
     return ", ".join(parts)
 
 
+def _load_average() -> str:
+    """1/5/15-minute load averages and the core count: timings mean little on a busy machine."""
+    import os  # noqa: PLC0415
+
+    if not hasattr(os, "getloadavg"):
+        return "n/a"
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.1f} / {five:.1f} / {fifteen:.1f} (1/5/15 min) on {os.cpu_count()} cores"
+
+
 def _summary_line(index: int, total: int, r: ModelResult) -> str:
     if not r.ok:
         return f"[{index}/{total}] {r.label}: FAILED ({r.error})"
@@ -125,6 +135,7 @@ def compare(
         "trainer": settings.trainer or "{}",
         "pixel metrics at": f"{settings.eval_size}x{settings.eval_size}" if settings.eval_size else "prediction resolution",
         "latency input": "x".join(map(str, probe.image.shape[-2:])) + " (one test image, batch 1)",
+        "load average at start": _load_average(),
     }
     del probe_dm
 
@@ -142,6 +153,7 @@ def compare(
         header["device"] += f"; models ran on {', '.join(devices)}"
     elapsed = time.perf_counter() - started
     header["total time"] = f"{elapsed / 60:.1f} min"
+    header["load average at end"] = _load_average()
     paths = report.write_report(settings.output_dir, header, results, probe)
     print(f"Report: {paths['markdown']} ({sum(r.ok for r in results)}/{len(results)} models succeeded, {elapsed / 60:.1f} min)")  # noqa: T201
     return CompareResult(results=results, paths=paths, header=header, elapsed_s=elapsed)
