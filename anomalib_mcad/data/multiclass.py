@@ -28,7 +28,7 @@ from PIL import Image
 import torch
 from anomalib.data import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms.v2 import Transform
 
 from anomalib_mcad.data.dataclasses import CategoryImageBatch, CategoryImageItem
@@ -129,6 +129,33 @@ class DataSource:
         if self.dataset == "visa":
             dm.prepare_data()  # splits the raw VisA folders into visa_pytorch/ once; the root was checked to exist
         return dm
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Shuffles like ``RandomSampler``, but epoch ``e``'s order depends only on ``(seed, e)``.
+
+    Lightning calls :meth:`set_epoch` at the start of every epoch, so a run resumed from a
+    checkpoint draws the batches the uninterrupted run drew (as ``DistributedSampler`` does under
+    DDP), and shuffling never consumes the global RNG that dropout and noise draw from.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the order of ``epoch``."""
+        self.epoch = epoch
+
+    def __iter__(self):  # noqa: ANN204
+        """A permutation of the indices, fixed by seed and epoch."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        """Number of indices per epoch."""
+        return self.size
 
 
 class ImageReadError(OSError):
@@ -402,6 +429,19 @@ class MultiClassDataModule(AnomalibDataModule):
         super()._update_augmentations()
         if self.support_data is not None:
             self.support_data.augmentations = copy.copy(self.train_augmentations)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches; with a ``seed`` the order is a function of seed and epoch (resumable)."""
+        if self.seed is None:
+            return super().train_dataloader()
+        return DataLoader(
+            dataset=self.train_data,
+            sampler=EpochSeededSampler(len(self.train_data), int(self.seed)),
+            batch_size=self.train_batch_size,
+            num_workers=self.num_workers,
+            collate_fn=self.external_collate_fn or self.train_data.collate_fn,
+            generator=torch.Generator().manual_seed(int(self.seed)),  # worker base seeds: not from the global RNG
+        )
 
     def support_dataloader(self) -> DataLoader:
         """The k-shot normal support set of the test categories (requires ``support_shots``)."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+import torch
+
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.models.components import AnomalibModule
@@ -27,6 +30,28 @@ FP32_OPERATIONS = (
 )  # fmt: skip
 #: Calibration images used at most (NNCF's default subset size).
 INT8_CALIBRATION_IMAGES = 300
+
+
+def _rng_states() -> dict[str, Any]:
+    """Lightning's collection of the torch, CUDA, NumPy and Python RNG states, in plain types."""
+    from lightning.fabric.utilities.seed import _collect_rng_states  # noqa: PLC0415
+
+    states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    states["numpy"] = (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached))
+    return states
+
+
+def _restore_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of :func:`_rng_states`."""
+    from lightning.fabric.utilities.seed import _set_rng_states  # noqa: PLC0415
+
+    states = dict(states)
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    states["numpy"] = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+    if not torch.cuda.is_available():
+        states.pop("torch.cuda", None)
+    _set_rng_states(states)
 
 
 class CheckpointMismatchError(ValueError):
@@ -115,6 +140,7 @@ class McadModule(AnomalibModule):
             "format": CHECKPOINT_FORMAT,
             "model": f"{type(self).__module__}.{type(self).__qualname__}",
             "config": _plain(dict(self.hparams)),
+            "rng": _rng_states(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -122,6 +148,7 @@ class McadModule(AnomalibModule):
         super().on_load_checkpoint(checkpoint)
         record = checkpoint.get(CHECKPOINT_KEY)
         name = type(self).__name__
+        self._resume_rng_states = None if record is None else record.get("rng")
         if record is not None:
             written_by = str(record.get("model", "?"))
             if written_by.rsplit(".", 1)[-1] != name:
@@ -177,3 +204,16 @@ class McadModule(AnomalibModule):
         batches = -(-size // (loader.batch_size or 1))
         ignored = nncf.IgnoredScope(types=list(FP32_OPERATIONS), validate=False)
         return nncf.quantize(model, dataset, subset_size=batches, ignored_scope=ignored)
+
+    def on_train_start(self) -> None:
+        """When training resumes from a checkpoint, continue its random streams (shuffling, dropout, noise).
+
+        Lightning restores weights, optimizer and loop state but not the RNGs; without them a
+        resumed run draws other batches and noise than the uninterrupted one. Applied here, after
+        the restore and before the first training batch, never on a plain ``load_from_checkpoint``.
+        """
+        super().on_train_start()
+        states = getattr(self, "_resume_rng_states", None)
+        if states is not None and self._trainer is not None and self.trainer.ckpt_path:
+            _restore_rng_states(states)
+        self._resume_rng_states = None
