@@ -82,7 +82,7 @@ def _summary_line(index: int, total: int, r: ModelResult) -> str:
     if not r.ok:
         return f"[{index}/{total}] {r.label}: FAILED ({r.error})"
     ov = f"{r.latency_openvino_ms:.1f} ms" if r.latency_openvino_ms is not None else "n/a"
-    torch_ms = f"{r.latency_torch_ms:.1f} ms" if r.latency_torch_ms is not None else "n/a"
+    torch_ms = f"{r.latency_torch_ms:.1f} ms" if r.latency_torch_ms is not None else "n/a"  # medians
     return (
         f"[{index}/{total}] {r.label}: image AUROC {100 * r.mean('image_AUROC'):.2f}, pixel AUROC {100 * r.mean('pixel_AUROC'):.2f}, "
         f"AUPRO {100 * r.mean('pixel_AUPRO'):.2f} | train {r.train_time_s:.1f} s | latency torch {torch_ms}, OpenVINO {ov}"
@@ -146,6 +146,9 @@ def compare(
         result = runner.run_model(spec, data, settings, runner.model_dir(settings.output_dir, index, spec), probe)
         results.append(result)
         tqdm.write(_summary_line(index, len(specs), result))
+        if index < len(specs):  # a report after every model: an interrupted run keeps what it finished
+            progress = {**header, "status": f"in progress: {index} of {len(specs)} models done"}
+            report.write_report(settings.output_dir, progress, results, probe)
     bar.close()
 
     devices = sorted({r.device for r in results if r.device})

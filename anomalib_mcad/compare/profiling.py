@@ -9,7 +9,7 @@ was obtained:
   whole anomalib module (pre-processing, network, post-processing). It counts matrix products,
   convolutions and attention (2 FLOPs per multiply-add); element-wise ops, resizing and
   sorting count 0;
-* latency: median wall time of batch-1 forwards after warm-up, the torch module in eval mode
+* latency: median and minimum wall time of batch-1 forwards after warm-up, the torch module in eval mode
   under ``torch.inference_mode`` and the exported OpenVINO model compiled in FP32;
 * memory: the process's resident set size (psutil), sampled by a background thread, and on
   CUDA the allocator's peak.
@@ -34,7 +34,7 @@ __all__ = [
     "PeakMemory",
     "count_flops",
     "count_parameters",
-    "median_latency_ms",
+    "latency_ms",
     "openvino_latency_ms",
     "torch_latency_ms",
 ]
@@ -81,8 +81,13 @@ def count_flops(model: nn.Module, image: torch.Tensor) -> int:
         model.train(was_training)
 
 
-def median_latency_ms(run: Callable[[], Any], warmup: int, runs: int, synchronize: Callable[[], None] | None = None) -> float:
-    """Median wall time of ``run()`` in milliseconds after ``warmup`` untimed calls."""
+def latency_ms(run: Callable[[], Any], warmup: int, runs: int, synchronize: Callable[[], None] | None = None) -> tuple[float, float]:
+    """``(median, minimum)`` wall time of ``run()`` in milliseconds after ``warmup`` untimed calls.
+
+    The median is the figure to quote on a quiet machine; the minimum is the least disturbed
+    run, closer to it when other processes compete for the cores (torch's intra-op threads
+    then wait at every operator for a descheduled partner, which inflates the median).
+    """
     for _ in range(warmup):
         run()
     if synchronize is not None:
@@ -94,28 +99,28 @@ def median_latency_ms(run: Callable[[], Any], warmup: int, runs: int, synchroniz
         if synchronize is not None:
             synchronize()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 
-def torch_latency_ms(model: nn.Module, image: torch.Tensor, warmup: int = 3, runs: int = 20) -> float:
-    """Batch-1 latency of the whole anomalib module on ``image``'s device."""
+def torch_latency_ms(model: nn.Module, image: torch.Tensor, warmup: int = 3, runs: int = 20) -> tuple[float, float]:
+    """Batch-1 ``(median, min)`` latency of the whole anomalib module on ``image``'s device."""
     was_training = model.training
     model.eval()
     sync = torch.cuda.synchronize if image.device.type == "cuda" else None
     try:
         with torch.inference_mode():
-            return median_latency_ms(lambda: model(image), warmup, runs, sync)
+            return latency_ms(lambda: model(image), warmup, runs, sync)
     finally:
         model.train(was_training)
 
 
-def openvino_latency_ms(xml_path: str | Path, image: np.ndarray, warmup: int = 3, runs: int = 20, device: str = "CPU") -> float:
-    """Batch-1 latency of an exported OpenVINO model compiled in FP32 on ``device``."""
+def openvino_latency_ms(xml_path: str | Path, image: np.ndarray, warmup: int = 3, runs: int = 20, device: str = "CPU") -> tuple[float, float]:
+    """Batch-1 ``(median, min)`` latency of an exported OpenVINO model compiled in FP32 on ``device``."""
     import openvino as ov  # noqa: PLC0415
 
     compiled = ov.Core().compile_model(str(xml_path), device, OPENVINO_FP32)
     request = compiled.create_infer_request()
-    return median_latency_ms(lambda: request.infer([image]), warmup, runs)
+    return latency_ms(lambda: request.infer([image]), warmup, runs)
 
 
 class PeakMemory:

@@ -71,7 +71,9 @@ def mean_table(results: Sequence[ModelResult]) -> pd.DataFrame:
             "input_size": "x".join(map(str, r.input_size)) if r.input_size else "",
             "device": r.device or "",
             "latency_torch_ms": r.latency_torch_ms,
+            "latency_torch_min_ms": r.latency_torch_min_ms,
             "latency_openvino_ms": r.latency_openvino_ms,
+            "latency_openvino_min_ms": r.latency_openvino_min_ms,
             "openvino_note": r.openvino_note or "",
             "peak_rss_train_mb": r.peak_rss_train_mb,
             "peak_rss_test_mb": r.peak_rss_test_mb,
@@ -93,6 +95,12 @@ def _num(value: Any, fmt: str, note: str = "") -> str:  # noqa: ANN401
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return f"n/a ({note})" if note else "n/a"
     return format(float(value), fmt)
+
+
+def _latency(median: float | None, minimum: float | None, note: str) -> str:
+    if median is None:
+        return f"n/a ({note})" if note else "n/a"
+    return f"{median:.1f} ({minimum:.1f})" if minimum is not None else f"{median:.1f}"
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -125,13 +133,13 @@ def _markdown(header: dict[str, Any], means: pd.DataFrame, per_category: pd.Data
             _num(r.flops / 1e9 if r.flops is not None else None, ".3f", r.flops_note or ""),
             _num(r.train_time_s, ".1f"),
             _num(r.train_steps, ".0f"),
-            _num(r.latency_torch_ms, ".1f"),
-            _num(r.latency_openvino_ms, ".1f", r.openvino_note or ""),
+            _latency(r.latency_torch_ms, r.latency_torch_min_ms, ""),
+            _latency(r.latency_openvino_ms, r.latency_openvino_min_ms, r.openvino_note or ""),
             _num(r.peak_rss_train_mb, ".0f"),
             _num(r.peak_rss_test_mb, ".0f"),
         ])
     parts.append(_md_table(
-        ["model", "params (M)", "trainable (M)", "GFLOPs", "train time (s)", "train steps", "torch latency (ms)", "OpenVINO latency (ms)", "peak RSS train (MiB)", "peak RSS test (MiB)"],
+        ["model", "params (M)", "trainable (M)", "GFLOPs", "train time (s)", "train steps", "torch latency (ms), median (min)", "OpenVINO latency (ms), median (min)", "peak RSS train (MiB)", "peak RSS test (MiB)"],
         cost_rows,
     ))
     parts += [
@@ -141,7 +149,7 @@ def _markdown(header: dict[str, Any], means: pd.DataFrame, per_category: pd.Data
         "GFLOPs = `torch.utils.flop_counter.FlopCounterMode` over one batch-1 forward of the anomalib module "
         "(pre-processing + network + post-processing) at the dataset's image size (matmul, conv and attention, "
         "2 FLOPs per multiply-add; element-wise ops count 0); train time = wall time of `engine.fit` (includes validation); "
-        "latency = median of batch-1 forwards after warm-up, torch module in eval mode on the training device, "
+        "latency = median (and minimum) of batch-1 forwards after warm-up, torch module in eval mode on the training device, "
         "OpenVINO model exported by `engine.export` and compiled on CPU with `INFERENCE_PRECISION_HINT=f32`; "
         "peak RSS = the process's resident memory sampled every 50 ms by a thread during `engine.fit` and during "
         "`engine.test` + latency (whole process: includes the Python runtime, libraries and earlier models' caches).",

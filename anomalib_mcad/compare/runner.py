@@ -71,8 +71,10 @@ class ModelResult:
     test_time_s: float | None = None
     device: str | None = None
     input_size: tuple[int, int] | None = None
-    latency_torch_ms: float | None = None
-    latency_openvino_ms: float | None = None
+    latency_torch_ms: float | None = None  # median
+    latency_torch_min_ms: float | None = None
+    latency_openvino_ms: float | None = None  # median
+    latency_openvino_min_ms: float | None = None
     openvino_note: str | None = None
     peak_rss_train_mb: float | None = None
     peak_rss_test_mb: float | None = None
@@ -222,7 +224,7 @@ def run_model(
                     image = probe.image[None].to(device)
                     result.input_size = (int(image.shape[-2]), int(image.shape[-1]))
                     result.stage = "latency"
-                    result.latency_torch_ms = torch_latency_ms(model, image, settings.latency_warmup, settings.latency_runs)
+                    result.latency_torch_ms, result.latency_torch_min_ms = torch_latency_ms(model, image, settings.latency_warmup, settings.latency_runs)
                     result.stage = "figures"
                     result.grid_maps, result.grid_scores = _anomaly_maps(model, probe.grid_images)
             result.peak_rss_test_mb = memory.peak_rss_mb
@@ -240,7 +242,8 @@ def run_model(
                     try:
                         model.cpu()
                         xml = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=output_dir / "export", input_size=result.input_size)
-                        result.latency_openvino_ms = openvino_latency_ms(xml, probe.image[None].numpy().astype(np.float32), settings.latency_warmup, settings.latency_runs)
+                        ov_image = probe.image[None].numpy().astype(np.float32)
+                        result.latency_openvino_ms, result.latency_openvino_min_ms = openvino_latency_ms(xml, ov_image, settings.latency_warmup, settings.latency_runs)
                     except Exception as exc:  # noqa: BLE001  (reported, not fatal)
                         result.openvino_note = _error_text(exc)
                         (output_dir / "openvino_error.txt").write_text(traceback.format_exc())
