@@ -334,6 +334,8 @@ class Pmad(McadModule):
 
         accuracy = (logits.argmax(-1) == targets[mask]).float().mean()
         self.log("train_token_loss", token_loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        # unweighted cross-entropy: comparable across the switch to rank-weighted (dynamic) loss
+        self.log("train_token_ce", token_ce.detach().mean(), on_step=True, on_epoch=True, batch_size=size)
         self.log("train_flow_loss", flow_loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
         self.log("train_token_accuracy", accuracy, on_step=True, on_epoch=False, batch_size=size)
         return {"loss": token_loss.detach() + flow_loss.detach()}
