@@ -17,6 +17,7 @@ _PUBLIC = {
     "Dinomaly": "anomalib_mcad.models",
     "InpFormer": "anomalib_mcad.models",
     "MintAd": "anomalib_mcad.models",
+    "Pmad": "anomalib_mcad.models",
     "get_model": "anomalib_mcad.models",
     "list_models": "anomalib_mcad.models",
     "MultiClassDataModule": "anomalib_mcad.data",

@@ -15,14 +15,16 @@ from anomalib.models import AnomalibModule
 from anomalib_mcad.models.image.dinomaly import Dinomaly
 from anomalib_mcad.models.image.inp_former import InpFormer
 from anomalib_mcad.models.image.mint_ad import MintAd
+from anomalib_mcad.models.image.pmad import Pmad
 
 _MODELS: dict[str, type[AnomalibModule]] = {
     "dinomaly": Dinomaly,
     "inp_former": InpFormer,
     "mint_ad": MintAd,
+    "pmad": Pmad,
 }
 
-__all__ = ["Dinomaly", "InpFormer", "MintAd", "get_model", "list_models"]
+__all__ = ["Dinomaly", "InpFormer", "MintAd", "Pmad", "get_model", "list_models"]
 
 
 def _normalise(name: str) -> str:
