@@ -88,6 +88,7 @@ class MaskedImageModel(nn.Module):
             use_shared_rel_pos_bias=True,
             init_values=init_values,
             drop_path_rate=drop_path,
+            use_fc_norm=False,  # the final LayerNorm on every token (BEiT pre-training), not a pooled-head norm
             **dims,
         )
         embed_dim = dims["embed_dim"]

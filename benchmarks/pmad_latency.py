@@ -1,0 +1,158 @@
+"""Batch-1 CPU latency of PMAD at the paper's size, torch eager and OpenVINO FP32, split into ProtoFlow proposal and token prediction.
+
+Paper settings (Table 5): ViT-B/16 masked image model at 224 x 224 with the 8192-code VQ ViT
+tokenizer (ViT-B/16 encoder); ProtoFlow on tf_efficientnet_b6 stages 2-3 (272 channels, 28 x 28),
+4 couplings, 128-d condition; a prototype pool of ``--prototypes`` rows (default 28,000: about 1 %
+of MVTec-AD's 3,629 x 784 training patches). Random weights (latency does not depend on values).
+
+Three parts are timed, each as its own torch module and OpenVINO model:
+
+* proposal: EfficientNet features, prototype search, flow, top-k mask (image -> NLL map, mask);
+* token prediction: tokenizer + masked ViT + cross-entropy, maps, smoothing (image, mask -> score, map);
+* end to end: the whole ``PmadModel.forward`` (what anomalib exports).
+
+Each OpenVINO model is compared with torch before timing. Runs are interleaved round by round.
+
+Usage::
+
+    python benchmarks/pmad_latency.py [--runs 10] [--warmup 2] [--prototypes 28000] [--threads N] [--skip-openvino]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from anomalib_mcad.models.image.pmad.torch_model import PmadModel
+
+PARITY_TOL = 1e-3
+
+
+class Proposal(nn.Module):
+    """Image -> (ProtoFlow NLL map, proposal mask as float)."""
+
+    def __init__(self, model: PmadModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """NLL (B, h, w) and mask (B, N)."""
+        nll = self.model.proposal_nll(images)
+        mask = self.model.proposal_mask(nll, self.model.default_mask_count.expand(images.shape[0]))
+        return nll, mask.float()
+
+
+class TokenPrediction(nn.Module):
+    """(image, NLL, mask) -> (score, map): tokenizer, masked ViT, cross-entropy, weighting, smoothing."""
+
+    def __init__(self, model: PmadModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, nll: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score (B,) and map (B, 1, H, W)."""
+        model = self.model
+        errors = model.token_errors(images, mask > 0.5) * mask
+        size = images.shape[-2:]
+        token_map = F.interpolate(errors.reshape(images.shape[0], 1, *model.grid), size=size, mode="bilinear", align_corners=True)
+        weight = F.interpolate(model.protoflow.abnormality(nll).unsqueeze(1), size=size, mode="bilinear", align_corners=True)
+        amap = model.blur(token_map * weight)
+        return amap.flatten(1).amax(1), amap
+
+
+class EndToEnd(nn.Module):
+    """Image -> (score, map): the exported path."""
+
+    def __init__(self, model: PmadModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score (B,) and map (B, 1, H, W)."""
+        out = self.model(images)
+        return out.pred_score, out.anomaly_map
+
+
+def openvino_runner(module: nn.Module, example: tuple[torch.Tensor, ...]) -> Callable[[], object]:
+    """Convert to OpenVINO FP32 (through torch.export), check against torch, return a timed call."""
+    import openvino as ov  # noqa: PLC0415
+
+    with torch.no_grad():
+        ov_model = ov.convert_model(torch.export.export(module, example))
+        reference = module(*example)
+    compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    data = [x.numpy() for x in example]
+    out = compiled(data)
+    error = max(float(np.abs(np.asarray(out[i]) - ref.numpy()).max() / max(float(ref.abs().max()), 1.0)) for i, ref in enumerate(reference))
+    if error > PARITY_TOL:
+        msg = f"OpenVINO output of {type(module).__name__} differs from torch by {error:.2e} (relative)"
+        raise RuntimeError(msg)
+    return lambda: compiled(data)
+
+
+def torch_runner(module: nn.Module, example: tuple[torch.Tensor, ...]) -> Callable[[], object]:
+    """A timed eager call under ``inference_mode``."""
+
+    def run() -> object:
+        with torch.inference_mode():
+            return module(*example)
+
+    return run
+
+
+def main() -> None:
+    """Build the paper-size model, check OpenVINO parity, time interleaved, print a table."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--prototypes", type=int, default=28_000)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--skip-openvino", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = PmadModel(proto_pretrained=False, drop_path=0.0).eval()
+    channels = model.protoflow.channels
+    model.protoflow.set_prototypes(torch.randn(args.prototypes, channels), torch.arange(args.prototypes) % 15)
+    image = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        model.protoflow.reference_nll.fill_(float(model.protoflow(image).min()))
+        nll, mask = Proposal(model)(image)
+    parts: dict[str, tuple[nn.Module, tuple[torch.Tensor, ...]]] = {
+        "proposal (ProtoFlow + top-k)": (Proposal(model).eval(), (image,)),
+        "token prediction (tokenizer + ViT + map)": (TokenPrediction(model).eval(), (image, nll, mask)),
+        "end to end": (EndToEnd(model).eval(), (image,)),
+    }
+    runners: dict[str, Callable[[], object]] = {}
+    for name, (module, example) in parts.items():
+        runners[f"{name}, torch"] = torch_runner(module, example)
+        if not args.skip_openvino:
+            runners[f"{name}, OpenVINO FP32"] = openvino_runner(module, example)
+    for run in runners.values():
+        for _ in range(args.warmup):
+            run()
+    samples: dict[str, list[float]] = {k: [] for k in runners}
+    order = list(runners)
+    for round_index in range(args.runs):
+        for key in order if round_index % 2 == 0 else reversed(order):
+            start = time.perf_counter()
+            runners[key]()
+            samples[key].append((time.perf_counter() - start) * 1e3)
+    print(f"PMAD batch-1 CPU latency at 224 px, {args.prototypes} prototypes, {args.runs} interleaved runs, torch threads {torch.get_num_threads()}")
+    print("| part | median (ms) | IQR (ms) |")
+    print("| --- | ---: | ---: |")
+    for key, values in samples.items():
+        q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        print(f"| {key} | {statistics.median(values):.1f} | {q[2] - q[0]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
