@@ -190,6 +190,7 @@ class McadModule(AnomalibModule):
         ``--compression_type int8_ptq`` use it).
         """
         import nncf  # noqa: PLC0415
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters  # noqa: PLC0415
 
         if datamodule is None:
             msg = "INT8 post-training quantization needs a datamodule: its training images calibrate the model"
@@ -203,7 +204,11 @@ class McadModule(AnomalibModule):
         dataset = nncf.Dataset(loader, lambda batch: batch.image.numpy())
         batches = -(-size // (loader.batch_size or 1))
         ignored = nncf.IgnoredScope(types=list(FP32_OPERATIONS), validate=False)
-        return nncf.quantize(model, dataset, subset_size=batches, ignored_scope=ignored)
+        # NNCF's (fast) bias correction failed intermittently on these graphs ("cannot reshape array of
+        # size 1024 into shape (1,16,3)" inside _set_const_value, NNCF 3.4); the FP32 scoring tail makes
+        # it unnecessary for the accuracy the INT8 test asks for.
+        advanced = AdvancedQuantizationParameters(disable_bias_correction=True)
+        return nncf.quantize(model, dataset, subset_size=batches, ignored_scope=ignored, advanced_parameters=advanced)
 
     def on_train_start(self) -> None:
         """When training resumes from a checkpoint, continue its random streams (shuffling, dropout, noise).
