@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "inp_former": ("anomalib_mcad.InpFormer", {"image_size": 64, "crop_size": 56}),
     "mint_ad": ("anomalib_mcad.MintAd", {"pretrained": False}),
+    "pmad": ("anomalib_mcad.Pmad", {"proto_pretrained": False}),
 }
 
 
