@@ -230,3 +230,18 @@ def test_lightning_training_masks_and_memory() -> None:
     assert float(module.model.po_scale) > 0
     with pytest.raises(ValueError, match="train_strategies"):
         MaskAd(**TINY, train_strategies=("pixels",))
+
+
+def test_feature_standardisation_uses_training_statistics() -> None:
+    model = MaskAdModel(**TINY)
+    images = torch.rand(3, 3, 64, 64)
+    raw = model.raw_features(images)
+    torch.testing.assert_close(model.features(images), raw)  # identity until fitted
+    model.fit_feature_statistics(raw)
+    standardised = model.features(images)
+    torch.testing.assert_close(standardised.mean(dim=(0, 2, 3)), torch.zeros(192), atol=1e-4, rtol=0)
+    torch.testing.assert_close(standardised.std(dim=(0, 2, 3)), torch.ones(192), atol=1e-3, rtol=0)
+    assert bool(model.statistics_fitted)
+    assert {"feature_mean", "feature_std", "statistics_fitted"} <= set(model.state_dict())
+    with pytest.raises(ValueError, match="raw training features"):
+        model.fit_feature_statistics(torch.empty(0, 192, 8, 8))

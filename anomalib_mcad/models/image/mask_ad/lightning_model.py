@@ -54,6 +54,8 @@ class MaskAd(McadModule):
         lr, weight_decay, betas: AdamW (lr 1e-4 assumed; wd 0.04 from the paper).
         flow_lr: Adam-style rate of the flow (2e-4, CFlow's), no weight decay.
         image_size: inputs are resized to this square size (224).
+        normalize_features: per-channel standardisation of the backbone features with training
+            statistics (ours; see README).
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class MaskAd(McadModule):
         use_assdis: bool = True,
         use_rec: bool = True,
         restrict_to_category: bool = False,
+        normalize_features: bool = True,
         train_strategies: Sequence[TrainStrategy] = ("random", "block", "foreground"),
         train_random_ratio: float = 0.2,
         train_block_ratio: float = 0.15,
@@ -149,6 +152,7 @@ class MaskAd(McadModule):
             use_assdis=use_assdis,
             use_rec=use_rec,
             restrict_to_category=restrict_to_category,
+            normalize_features=normalize_features,
         )
         grid = (feature_size, feature_size)
         self.train_generators = {
@@ -160,6 +164,7 @@ class MaskAd(McadModule):
         self.mask_rng = torch.Generator().manual_seed(int(mask_seed) + 1)
         self.loss = MaskAdLoss()
         self._calibration: torch.Tensor | None = None
+        self._train_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._memory_stale = True  # the flow trained since M_po was calibrated
 
     # ------------------------------------------------------------------ setup
@@ -227,14 +232,14 @@ class MaskAd(McadModule):
         return datamodule.train_dataloader()
 
     @torch.no_grad()
-    def collect_training_features(self, batches: Any) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN401
-        """Backbone feature maps (N, C, h, w) and category indices (N,) of every training image."""
+    def collect_training_features(self, batches: Any, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN401
+        """Feature maps (N, C, h, w) (standardised, or ``raw``) and category indices (N,) of every training image."""
         maps, labels = [], []
         for batch in batches:
             images = batch.image.to(self.device)
             if isinstance(self.pre_processor, PreProcessor):
                 images = self.pre_processor(images)
-            features = self.model.features(images)
+            features = self.model.raw_features(images) if raw else self.model.features(images)
             maps.append(features.float())
             index = getattr(batch, "category_index", None)
             index = torch.zeros(images.shape[0], dtype=torch.long) if index is None else torch.as_tensor(index).long().reshape(-1)
@@ -253,6 +258,9 @@ class MaskAd(McadModule):
         needs_bank = self.model.bank.is_empty
         if not needs_bank and not self._memory_stale:
             return
+        if features is None and self._train_cache is not None:
+            features, labels = self._train_cache
+            self._train_cache = None
         if features is None and (needs_bank or self._calibration is None):
             batches = self._training_batches()
             if batches is None:
@@ -286,6 +294,22 @@ class MaskAd(McadModule):
         quantile = torch.quantile(scores.flatten().float(), 1.0 - self.model.po_ratio)
         self.model.po_scale.fill_(float(quantile.clamp_min(1e-12)))
         self.model.train(was_training)
+
+    def on_train_start(self) -> None:
+        """Standardisation statistics from one pass over the training set (first fit only).
+
+        The standardised features are kept for the coreset build after training (the backbone is
+        frozen, so they do not change).
+        """
+        if not self.model.normalize_features or bool(self.model.statistics_fitted):
+            return
+        batches = self._training_batches()
+        if batches is None:
+            msg = "MaskAD needs the training dataloader to standardise its features (normalize_features=True)"
+            raise RuntimeError(msg)
+        raw, labels = self.collect_training_features(batches, raw=True)
+        self.model.fit_feature_statistics(raw)
+        self._train_cache = ((raw - self.model.feature_mean) / self.model.feature_std, labels)
 
     def on_validation_start(self) -> None:
         """Build/refresh the coreset and M_po before scoring."""

@@ -123,6 +123,8 @@ class MaskAdModel(nn.Module):
         sinkhorn_epsilon, sinkhorn_iterations: entropy weight (1, eq. 1) and fixed iteration count.
         parallel, use_po, use_reference, use_assdis, use_rec: Table 2's ablation switches.
         restrict_to_category: search only the image's own category's coreset (needs the category).
+        normalize_features: standardise each backbone channel with its mean and standard deviation
+            over the training patches (buffers set by :meth:`fit_feature_statistics`; see README).
     """
 
     def __init__(
@@ -156,6 +158,7 @@ class MaskAdModel(nn.Module):
         use_assdis: bool = True,
         use_rec: bool = True,
         restrict_to_category: bool = False,
+        normalize_features: bool = True,
     ) -> None:
         super().__init__()
         if feature_size < 2:
@@ -185,6 +188,10 @@ class MaskAdModel(nn.Module):
 
         self.backbone = CNNFeatureTap(backbone, stages, pretrained)
         channels = self.backbone.out_channels
+        self.normalize_features = normalize_features
+        self.register_buffer("feature_mean", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("feature_std", torch.ones(1, channels, 1, 1))
+        self.register_buffer("statistics_fitted", torch.tensor(False))
         self.reconstructor = MaskedReconstructor(
             channels, self.feature_size, embed_dim, num_heads, mlp_ratio, num_encoder_layers, num_decoder_layers
         )
@@ -215,11 +222,28 @@ class MaskAdModel(nn.Module):
         """Smallest input side: two cells of the coarsest tapped stage."""
         return 2 * max(self.backbone.reductions)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """``h``: tapped stages bilinearly resized to ``feature_size`` and concatenated (B, C, h, w)."""
+    def raw_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Tapped stages bilinearly resized to ``feature_size`` and concatenated (B, C, h, w)."""
         size = (self.feature_size, self.feature_size)
         maps = [F.interpolate(m, size=size, mode="bilinear", align_corners=True) for m in self.backbone(images)]
         return torch.cat(maps, dim=1)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """``h``: the raw features, standardised per channel when ``normalize_features``."""
+        raw = self.raw_features(images)
+        if not self.normalize_features:
+            return raw
+        return (raw - self.feature_mean) / self.feature_std
+
+    @torch.no_grad()
+    def fit_feature_statistics(self, raw: torch.Tensor) -> None:
+        """Per-channel mean and standard deviation of raw training features (N, C, h, w)."""
+        if raw.ndim != 4 or raw.shape[0] == 0:
+            msg = f"fit_feature_statistics needs raw training features (N, C, h, w), got {tuple(raw.shape)}"
+            raise ValueError(msg)
+        self.feature_mean.copy_(raw.mean(dim=(0, 2, 3), keepdim=True))
+        self.feature_std.copy_(raw.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
+        self.statistics_fitted.fill_(True)
 
     def reconstruct(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``D(E(h x m))`` for features (B, C, h, w) and masks (B, h, w)."""
