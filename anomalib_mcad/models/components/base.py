@@ -141,6 +141,7 @@ class McadModule(AnomalibModule):
             "model": f"{type(self).__module__}.{type(self).__qualname__}",
             "config": _plain(dict(self.hparams)),
             "rng": _rng_states(),
+            "generators": {name: gen.get_state() for name, gen in self._private_generators().items()},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -149,6 +150,7 @@ class McadModule(AnomalibModule):
         record = checkpoint.get(CHECKPOINT_KEY)
         name = type(self).__name__
         self._resume_rng_states = None if record is None else record.get("rng")
+        self._resume_generator_states = None if record is None else record.get("generators")
         if record is not None:
             written_by = str(record.get("model", "?"))
             if written_by.rsplit(".", 1)[-1] != name:
@@ -219,6 +221,19 @@ class McadModule(AnomalibModule):
         """
         super().on_train_start()
         states = getattr(self, "_resume_rng_states", None)
+        generators = getattr(self, "_resume_generator_states", None) or {}
         if states is not None and self._trainer is not None and self.trainer.ckpt_path:
             _restore_rng_states(states)
+            own = self._private_generators()
+            for name, state in generators.items():
+                if name in own:
+                    own[name].set_state(state)
         self._resume_rng_states = None
+        self._resume_generator_states = None
+
+    def _private_generators(self) -> dict[str, torch.Generator]:
+        """The module's own random streams (``torch.Generator`` attributes, e.g. mask samplers), by name.
+
+        They are separate from the global RNG, so a resumed run must restore them too.
+        """
+        return {name: value for name, value in vars(self).items() if isinstance(value, torch.Generator)}
