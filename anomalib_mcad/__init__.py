@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "Dinomaly": "anomalib_mcad.models",
     "InpFormer": "anomalib_mcad.models",
+    "MaskAd": "anomalib_mcad.models",
     "MintAd": "anomalib_mcad.models",
     "Pmad": "anomalib_mcad.models",
     "get_model": "anomalib_mcad.models",

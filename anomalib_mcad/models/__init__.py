@@ -14,17 +14,19 @@ from anomalib.models import AnomalibModule
 
 from anomalib_mcad.models.image.dinomaly import Dinomaly
 from anomalib_mcad.models.image.inp_former import InpFormer
+from anomalib_mcad.models.image.mask_ad import MaskAd
 from anomalib_mcad.models.image.mint_ad import MintAd
 from anomalib_mcad.models.image.pmad import Pmad
 
 _MODELS: dict[str, type[AnomalibModule]] = {
     "dinomaly": Dinomaly,
     "inp_former": InpFormer,
+    "mask_ad": MaskAd,
     "mint_ad": MintAd,
     "pmad": Pmad,
 }
 
-__all__ = ["Dinomaly", "InpFormer", "MintAd", "Pmad", "get_model", "list_models"]
+__all__ = ["Dinomaly", "InpFormer", "MaskAd", "MintAd", "Pmad", "get_model", "list_models"]
 
 
 def _normalise(name: str) -> str:
