@@ -28,7 +28,7 @@ from PIL import Image
 import torch
 from anomalib.data import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from torchvision.transforms.v2 import Transform
 
 from anomalib_mcad.data.dataclasses import CategoryImageBatch, CategoryImageItem
@@ -430,13 +430,35 @@ class MultiClassDataModule(AnomalibDataModule):
         if self.support_data is not None:
             self.support_data.augmentations = copy.copy(self.train_augmentations)
 
+    def _world(self) -> tuple[int, int]:
+        """(world size, rank) of the DDP run this datamodule's trainer is in; (1, 0) otherwise."""
+        trainer = getattr(self, "trainer", None)
+        world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+        if world <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return 1, 0
+        return world, int(trainer.global_rank)
+
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; with a ``seed`` the order is a function of seed and epoch (resumable)."""
+        """Shuffled training batches; with a ``seed`` the order is a function of seed and epoch (resumable).
+
+        Under DDP each rank gets ``DistributedSampler(shuffle=True, seed=seed)``: the same
+        permutation as :class:`EpochSeededSampler` (``randperm`` seeded with ``seed + epoch``),
+        rank ``r`` taking positions ``r, r + W, ...``. So the ``W`` per-rank batches of size ``b``
+        of step ``s`` together hold exactly the single-process batch ``s`` of size ``W b``, and
+        Lightning's ``set_epoch`` reaches the sampler (it does not reach a sampler Lightning wraps
+        itself, which would repeat epoch 0's order).
+        """
         if self.seed is None:
             return super().train_dataloader()
+        world, rank = self._world()
+        sampler: Sampler[int] = (
+            DistributedSampler(self.train_data, num_replicas=world, rank=rank, shuffle=True, seed=int(self.seed))
+            if world > 1
+            else EpochSeededSampler(len(self.train_data), int(self.seed))
+        )
         return DataLoader(
             dataset=self.train_data,
-            sampler=EpochSeededSampler(len(self.train_data), int(self.seed)),
+            sampler=sampler,
             batch_size=self.train_batch_size,
             num_workers=self.num_workers,
             collate_fn=self.external_collate_fn or self.train_data.collate_fn,

@@ -212,6 +212,22 @@ class McadModule(AnomalibModule):
         advanced = AdvancedQuantizationParameters(disable_bias_correction=True)
         return nncf.quantize(model, dataset, subset_size=batches, ignored_scope=ignored, advanced_parameters=advanced)
 
+    def setup(self, stage: str | None = None) -> None:
+        """Under DDP, let models with several backward passes per step leave parameters unused.
+
+        A manually optimised model (PMAD: one backward for its masked image model, one for its
+        flow, and a flow frozen after its epochs) leaves some parameters without gradient in a
+        backward; DDP then needs ``find_unused_parameters=True``. Lightning builds the DDP wrapper
+        after this hook from the strategy's keyword arguments, so ``strategy="ddp"`` works for
+        every model; an explicit ``find_unused_parameters`` of the user's is kept.
+        """
+        super().setup(stage)
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        # DDPStrategy keeps the keyword arguments it gives DistributedDataParallel here (Lightning 2.x)
+        ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
+        if stage == "fit" and not self.automatic_optimization and isinstance(ddp_kwargs, dict):
+            ddp_kwargs.setdefault("find_unused_parameters", True)
+
     def on_train_start(self) -> None:
         """When training resumes from a checkpoint, continue its random streams (shuffling, dropout, noise).
 

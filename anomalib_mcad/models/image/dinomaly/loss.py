@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from anomalib_mcad.models.components.distributed import gather_rows
+
 
 def scale_gradient(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Return ``x`` unchanged in value whose gradient is multiplied by ``weight`` (broadcast)."""
@@ -18,7 +20,9 @@ class GlobalCosineHardMiningLoss(nn.Module):
     For each group, the loss is ``1 - cos`` between the flattened encoder and decoder maps of
     each image. Points whose point-wise cosine distance lies below the ``(1 - p)`` quantile
     (the "easy" ones) pass only ``factor`` of their gradient, so training concentrates on
-    hard points. ``p`` rises linearly from 0 to ``final_p`` over ``warmup_iters`` iterations
+    hard points; under DDP the quantile is taken over the global batch (all ranks' points), so
+    a DDP step is the single-process step on the union of the ranks' batches. ``p`` rises
+    linearly from 0 to ``final_p`` over ``warmup_iters`` iterations
     (Dinomaly supplementary, sec. B: 0 -> 90 % over 1,000 iterations; factor 0.1 in the
     authors' code). Gradient damping is written as a value-preserving blend instead of a
     backward hook, so it behaves the same under DDP and ``torch.compile``.
@@ -47,8 +51,9 @@ class GlobalCosineHardMiningLoss(nn.Module):
             en = en.detach()
             with torch.no_grad():
                 point_dist = 1 - F.cosine_similarity(en, de, dim=1).unsqueeze(1)
-                k = int(point_dist.numel() * (1 - p))
-                threshold = torch.topk(point_dist.flatten(), k=max(k, 1)).values[-1]
+                everyone = gather_rows(point_dist)  # the quantile of the global batch under DDP
+                k = int(everyone.numel() * (1 - p))
+                threshold = torch.topk(everyone.flatten(), k=max(k, 1)).values[-1]
                 weight = torch.ones_like(point_dist, dtype=de.dtype).masked_fill(point_dist < threshold, self.factor)
             de = scale_gradient(de, weight)
             total = total + (1 - F.cosine_similarity(en.flatten(1), de.flatten(1), dim=1)).mean()

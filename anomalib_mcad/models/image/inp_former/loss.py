@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from anomalib_mcad.models.components.distributed import global_mean
+
 
 def reweight_gradient(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Return exactly ``x`` in value, with its gradient multiplied by ``weight`` (broadcast).
@@ -20,9 +22,10 @@ class SoftMiningCosineLoss(nn.Module):
     """Global cosine loss whose gradient is reweighted per point by ``(d / mean d) ** power``.
 
     ``d`` is the point-wise cosine distance between encoder and decoder maps (B, C, h, w) and
-    ``mean d`` its mean over the batch, so poorly reconstructed points get more gradient and
-    well reconstructed ones less, without dropping any (the authors' ``global_cosine_hm_adaptive``
-    with ``y=3``). The loss value is the mean over groups of ``1 - cos`` between each image's
+    ``mean d`` its mean over the batch (over the global batch under DDP, so a DDP step equals
+    one single-process step on the union of the ranks' batches), so poorly reconstructed
+    points get more gradient and well reconstructed ones less, without dropping any (the
+    authors' ``global_cosine_hm_adaptive`` with ``y=3``). The loss value is the mean over groups of ``1 - cos`` between each image's
     flattened maps.
     """
 
@@ -37,7 +40,7 @@ class SoftMiningCosineLoss(nn.Module):
             en = en.detach()
             with torch.no_grad():
                 point = 1 - F.cosine_similarity(en, de, dim=1).unsqueeze(1)
-                weight = (point / point.mean()) ** self.power
+                weight = (point / global_mean(point)) ** self.power  # the global batch's mean under DDP
             de = reweight_gradient(de, weight)
             total = total + (1 - F.cosine_similarity(en.flatten(1), de.flatten(1), dim=1)).mean()
         return total / len(encoder)
