@@ -113,3 +113,80 @@ def test_a_ratio_that_masks_nothing_is_an_error(grid: tuple[int, int], seed: int
     tiny = 0.5 / (grid[0] * grid[1])
     with pytest.raises(ValueError, match="masks no patch"):
         masked_count(grid, tiny)
+
+
+# ----------------------------------------------------------------------------- MaskAD's other generators
+def planted_features(grid: tuple[int, int], seed: int, blob: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature maps (1, 4, H, W): a flat background with noise and a bright square ``blob`` patches wide."""
+    g = rng(seed)
+    features = 0.01 * torch.randn(1, 4, *grid, generator=g)
+    top = int(torch.randint(1, grid[0] - blob, (), generator=g))
+    left = int(torch.randint(1, grid[1] - blob, (), generator=g))
+    features[..., top : top + blob, left : left + blob] += 5.0
+    region = torch.zeros(grid, dtype=torch.bool)
+    region[top : top + blob, left : left + blob] = True
+    return features, region
+
+
+@FAST
+@given(side=st.integers(5, 16), blob=st.integers(1, 3), ratio=st.floats(0.05, 0.9), seed=seeds)
+def test_foreground_masks_stay_in_the_foreground(side: int, blob: int, ratio: float, seed: int) -> None:
+    from anomalib_mcad.models.components.foreground import ForegroundMaskGenerator  # noqa: PLC0415
+
+    grid = (side, side)
+    assume(expected(grid, ratio) >= 1)
+    features, blob_region = planted_features(grid, seed, blob)
+    generator = ForegroundMaskGenerator(grid, ratio)
+    mask = generator(features, rng(seed))[0]
+    assert mask.shape == grid and mask.dtype == torch.bool
+    assert int(mask.sum()) == min(blob * blob, expected(grid, ratio))  # the whole blob, or the cap
+    assert not (mask & ~blob_region).any()
+    assert torch.equal(mask, generator(features, rng(seed))[0])
+
+
+@FAST
+@given(grid=grids, ratio=st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0)))
+def test_foreground_ratio_outside_the_open_interval_is_an_error(grid: tuple[int, int], ratio: float) -> None:
+    from anomalib_mcad.models.components.foreground import ForegroundMaskGenerator  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        ForegroundMaskGenerator(grid, ratio)
+    with pytest.raises(ValueError, match="masks no patch"):
+        ForegroundMaskGenerator(grid, 0.5 / (grid[0] * grid[1]))
+
+
+@FAST
+@given(grid=grids, counts=st.lists(st.integers(1, 255), min_size=1, max_size=5), seed=seeds)
+def test_prototype_oriented_masks_cover_the_top_ranked_patches(grid: tuple[int, int], counts: list[int], seed: int) -> None:
+    from anomalib_mcad.models.image.mask_ad.torch_model import prototype_oriented_masks  # noqa: PLC0415
+
+    n_patches = grid[0] * grid[1]
+    ranking = torch.rand(2, *grid, generator=rng(seed))
+    if max(counts) >= n_patches:
+        with pytest.raises(ValueError, match="prototype mask counts"):
+            prototype_oriented_masks(ranking, counts)
+        return
+    masks = prototype_oriented_masks(ranking, counts)
+    assert masks.shape == (2, len(counts), *grid) and masks.dtype == torch.bool
+    for b in range(2):
+        for i, k in enumerate(counts):
+            mask = masks[b, i]
+            assert int(mask.sum()) == k
+            assert float(ranking[b][mask].min()) >= float(ranking[b][~mask].max())  # the k most abnormal
+            for j, other in enumerate(counts):
+                if other <= k:
+                    assert not (masks[b, j] & ~mask).any()  # nested: a smaller count is inside
+
+
+@FAST
+@given(low=st.floats(0.0, 1.0), high=st.floats(0.0, 1.0))
+def test_maskad_prototype_ratio_range_must_fit_the_grid(low: float, high: float) -> None:
+    from anomalib_mcad.models.image.mask_ad.torch_model import prototype_ratios  # noqa: PLC0415
+
+    if 0.0 < low <= high < 1.0:
+        ratios = prototype_ratios(low, high, 4)
+        assert ratios[0] == pytest.approx(low) and ratios[-1] == pytest.approx(high)
+        assert ratios == sorted(ratios)
+    else:
+        with pytest.raises(ValueError, match="prototype mask ratios"):
+            prototype_ratios(low, high, 4)

@@ -12,10 +12,11 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRScheduler
+from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_mcad.models.components.base import McadModule
-from anomalib_mcad.models.components.foreground import foreground_mask
+from anomalib_mcad.models.components.foreground import ForegroundMaskGenerator
 from anomalib_mcad.models.components.masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from anomalib_mcad.models.components.weights import PretrainedArg
 from anomalib_mcad.models.image.mask_ad.loss import MaskAdLoss
@@ -160,7 +161,7 @@ class MaskAd(McadModule):
             "block": BlockwiseMaskGenerator(grid, train_block_ratio, min_patches=block_min_patches, min_aspect=block_min_aspect),
         }
         self.train_strategies = strategies
-        self.max_foreground = max(1, int(foreground_max_ratio * feature_size * feature_size))
+        self.foreground_generator = ForegroundMaskGenerator(grid, foreground_max_ratio)
         self.mask_rng = torch.Generator().manual_seed(int(mask_seed) + 1)
         self.loss = MaskAdLoss()
         self._calibration: torch.Tensor | None = None
@@ -197,12 +198,7 @@ class MaskAd(McadModule):
         strategy = self.train_strategies[pick]
         batch = features.shape[0]
         if strategy == "foreground":
-            foreground = foreground_mask(features).flatten(1)  # (B, h*w)
-            noise = torch.rand(foreground.shape, generator=self.mask_rng).to(features.device)
-            priority = torch.where(foreground, noise, noise - 2.0)  # foreground first, random order
-            rank = priority.argsort(dim=1, descending=True).argsort(dim=1)
-            keep = torch.clamp(foreground.sum(1, keepdim=True), 1, self.max_foreground)
-            return strategy, (rank < keep).reshape(batch, *features.shape[-2:])
+            return strategy, self.foreground_generator(features, self.mask_rng)
         generator = self.train_generators[strategy]
         masks = torch.stack([generator(self.mask_rng) for _ in range(batch)])
         return strategy, masks.to(features.device)
@@ -226,10 +222,25 @@ class MaskAd(McadModule):
 
     # ------------------------------------------------------------------ memory
     def _training_batches(self) -> Any:  # noqa: ANN401
+        """The whole training set in file order, independent of the trainer's loader.
+
+        Not the trainer's (rank-sharded under DDP, shuffled) loader: every process reads every
+        training image in the same order, so the coreset, the M_po calibration subset and the
+        feature statistics are the same with 1 or k processes and for any shuffle seed.
+        """
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is None or not hasattr(datamodule, "train_dataloader"):
+        if datamodule is None:
             return None
-        return datamodule.train_dataloader()
+        dataset = getattr(datamodule, "train_data", None)
+        if dataset is None:
+            return datamodule.train_dataloader() if hasattr(datamodule, "train_dataloader") else None
+        return DataLoader(
+            dataset,
+            batch_size=int(getattr(datamodule, "eval_batch_size", None) or getattr(datamodule, "train_batch_size", 32)),
+            shuffle=False,
+            num_workers=int(getattr(datamodule, "num_workers", 0)),
+            collate_fn=getattr(dataset, "collate_fn", None),
+        )
 
     @torch.no_grad()
     def collect_training_features(self, batches: Any, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN401
@@ -299,8 +310,9 @@ class MaskAd(McadModule):
         """Standardisation statistics from one pass over the training set (first fit only).
 
         The standardised features are kept for the coreset build after training (the backbone is
-        frozen, so they do not change).
+        frozen, so they do not change). ``super()`` first: a resumed run continues its random streams.
         """
+        super().on_train_start()
         if not self.model.normalize_features or bool(self.model.statistics_fitted):
             return
         batches = self._training_batches()

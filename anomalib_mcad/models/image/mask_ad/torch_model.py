@@ -61,6 +61,26 @@ def prototype_ratios(low: float, high: float, n: int) -> list[float]:
     return [low + (high - low) * i / (n - 1) for i in range(n)]
 
 
+def prototype_oriented_masks(ranking: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """Masks of each image's ``k`` highest-ranked patches, one per ``k`` in ``counts``: (B, len(counts), h, w).
+
+    ``ranking`` (B, h, w) is the flow's abnormality (higher = more suspicious); the masks are nested
+    (a larger ``k`` covers a smaller one's patches). Each ``k`` must lie in [1, h * w).
+    """
+    if ranking.ndim != 3:
+        msg = f"ranking must be (B, h, w), got {tuple(ranking.shape)}"
+        raise ValueError(msg)
+    n_patches = ranking.shape[-2] * ranking.shape[-1]
+    if not is_exporting() and (not counts or any(not 1 <= int(k) < n_patches for k in counts)):
+        msg = f"prototype mask counts {list(counts)} must each lie in [1, {n_patches}) on a {ranking.shape[-2]}x{ranking.shape[-1]} grid"
+        raise ValueError(msg)
+    flat = ranking.flatten(1)
+    order = flat.argsort(dim=1, descending=True)
+    rank = order.argsort(dim=1)  # 0 = most abnormal
+    limits = torch.tensor([int(k) for k in counts], device=ranking.device).view(1, -1, 1)
+    return (rank.unsqueeze(1) < limits).reshape(ranking.shape[0], -1, *ranking.shape[-2:])
+
+
 class MaskedReconstructor(nn.Module):
     """Linear 272 -> 768, mask token, fixed 2-D sin-cos positions, ViT encoder + decoder, linear back."""
 
@@ -252,13 +272,7 @@ class MaskAdModel(nn.Module):
     # ------------------------------------------------------------------ test-time scheme
     def prototype_masks(self, ranking: torch.Tensor) -> torch.Tensor:
         """n masks per image covering its top-k_i flow-ranked patches: (B, n, h, w)."""
-        batch = ranking.shape[0]
-        flat = ranking.flatten(1)
-        order = flat.argsort(dim=1, descending=True)
-        rank = order.argsort(dim=1)  # 0 = most abnormal
-        counts = torch.tensor(self.prototype_counts, device=ranking.device).view(1, -1, 1)
-        masks = rank.unsqueeze(1) < counts
-        return masks.reshape(batch, -1, *ranking.shape[-2:])
+        return prototype_oriented_masks(ranking, self.prototype_counts)
 
     def test_masks(self, ranking: torch.Tensor) -> torch.Tensor:
         """The N masks of every image (B, N, h, w): prototype-oriented, random, block-wise, empty.
