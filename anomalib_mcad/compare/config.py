@@ -18,6 +18,7 @@ a time (after seeding), so a bad model entry fails that model only::
         init_args: {backbone: resnet18, pre_trained: false}
         name: PatchCore (random ResNet-18)   # optional label
         trainer: {max_epochs: 1}             # optional per-model trainer overrides
+        data: {train_batch_size: 32}         # optional per-model batch size / workers (same images)
       - class_path: anomalib.models.Dinomaly
         random_weights: true                 # force pre_trained=False in its hard-coded encoder
 """
@@ -30,10 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CompareSettings", "ModelSpec", "instantiate", "load_settings", "settings_parser"]
+__all__ = ["DATA_OVERRIDE_KEYS", "CompareSettings", "ModelSpec", "instantiate", "load_settings", "settings_parser"]
 
 #: Keys of a model entry besides ``class_path`` and ``init_args``.
-MODEL_KEYS = frozenset({"class_path", "init_args", "name", "trainer", "random_weights"})
+MODEL_KEYS = frozenset({"class_path", "init_args", "name", "trainer", "random_weights", "data"})
+
+#: Datamodule arguments a model entry may override: how the same images are batched and loaded,
+#: never which images (root, categories, splits and seed stay common to every model).
+DATA_OVERRIDE_KEYS = frozenset({"train_batch_size", "eval_batch_size", "num_workers"})
 
 
 @dataclass
@@ -47,6 +52,8 @@ class ModelSpec:
         trainer: Engine/Trainer arguments for this model only (over the common ``trainer``).
         random_weights: build with ``pre_trained=False`` forced in anomalib's ``TimmFeatureExtractor``
             (anomalib's Dinomaly and InpFormer hard-code ``pre_trained=True``).
+        data: datamodule ``init_args`` for this model only, limited to :data:`DATA_OVERRIDE_KEYS`
+            (a paper's batch size); the images, categories and splits stay the common ones.
     """
 
     class_path: str
@@ -54,6 +61,7 @@ class ModelSpec:
     name: str | None = None
     trainer: dict[str, Any] = field(default_factory=dict)
     random_weights: bool = False
+    data: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, entry: Mapping[str, Any] | ModelSpec | str) -> ModelSpec:
@@ -69,12 +77,20 @@ class ModelSpec:
         if "class_path" not in entry:
             msg = f"model entry {dict(entry)!r} has no class_path"
             raise ValueError(msg)
+        data = dict(entry.get("data") or {})
+        if set(data) - DATA_OVERRIDE_KEYS:
+            msg = (
+                f"model entry {entry['class_path']!r}: data keys {sorted(set(data) - DATA_OVERRIDE_KEYS)} would change the "
+                f"data between models; a model may override only {sorted(DATA_OVERRIDE_KEYS)}"
+            )
+            raise ValueError(msg)
         return cls(
             class_path=str(entry["class_path"]),
             init_args=dict(entry.get("init_args") or {}),
             name=entry.get("name"),
             trainer=dict(entry.get("trainer") or {}),
             random_weights=bool(entry.get("random_weights", False)),
+            data=data,
         )
 
     @property

@@ -195,25 +195,45 @@ def _pyplot() -> Any:  # noqa: ANN401
     return plt
 
 
-def plot_mean_metrics(means: pd.DataFrame, path: Path) -> Path:
-    """Grouped bar chart: one group per metric, one bar per model."""
+def _model_colors(n: int) -> list[Any]:
+    """One distinct colour per model, the same in every panel."""
     plt = _pyplot()
-    ok = means[means["status"] == "ok"]
-    n_models = max(1, len(ok))
-    width = 0.8 / n_models
-    x = np.arange(len(METRIC_COLUMNS))
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.2 * len(METRIC_COLUMNS) + 0.35 * n_models * len(METRIC_COLUMNS) / 2), 4.5))
-    for i, (_, row) in enumerate(ok.iterrows()):
-        values = [float(row[c]) if not math.isnan(float(row[c])) else 0.0 for c in METRIC_COLUMNS]
-        bars = ax.bar(x - 0.4 + width * (i + 0.5), values, width, label=row["model"])
-        if n_models <= 4:
-            ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
-    ax.set_xticks(x, [c.replace("_", "\n") for c in METRIC_COLUMNS])
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("mean over categories (%)")
-    ax.axhline(50, color="grey", lw=0.6, ls="--")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=min(n_models, 3), frameon=False)
-    ax.set_title("Mean metrics per model")
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def plot_mean_metrics(means: pd.DataFrame, path: Path) -> Path:
+    """One panel per metric, one labelled horizontal bar per model (readable for any number of models)."""
+    plt = _pyplot()
+    ok = means[means["status"] == "ok"].reset_index(drop=True)
+    models = list(ok["model"])
+    n_cols = 4
+    n_rows = math.ceil(len(METRIC_COLUMNS) / n_cols)
+    label_width = 0.07 * max((len(m) for m in models), default=10)
+    panel_height = 0.6 + 0.32 * max(1, len(models))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(label_width + 3.0 * n_cols, panel_height * n_rows + 0.6), sharey=True, squeeze=False)
+    colors = _model_colors(len(models))
+    y = np.arange(len(models))
+    for k, ax in enumerate(axes.ravel()):
+        if k >= len(METRIC_COLUMNS):
+            ax.set_visible(False)
+            continue
+        column = METRIC_COLUMNS[k]
+        values = ok[column].astype(float).to_numpy()
+        ax.barh(y, np.nan_to_num(values), color=colors, height=0.75)
+        for i, value in enumerate(values):
+            text = "n/a" if math.isnan(value) else f"{value:.1f}"
+            inside = not math.isnan(value) and value > 30
+            ax.text(value - 2 if inside else max(0.0, np.nan_to_num(value)) + 2, i, text, va="center", ha="right" if inside else "left",
+                    fontsize=8, color="white" if inside else "black")  # fmt: skip
+        ax.set_xlim(0, 100)
+        ax.axvline(50, color="grey", lw=0.6, ls="--")
+        ax.set_title(f"{column} (%)", fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.set_yticks(y, models, fontsize=9)
+        if k == 0:  # shared y axis: inverting it once puts the first model on top in every panel
+            ax.invert_yaxis()
+    fig.suptitle("Mean over categories, per model (dashed line: 50 %, chance level for the AUROCs)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -221,65 +241,86 @@ def plot_mean_metrics(means: pd.DataFrame, path: Path) -> Path:
 
 
 def plot_heatmap(per_category: pd.DataFrame, path: Path) -> Path:
-    """Model x category heatmaps (one panel per metric in :data:`HEATMAP_METRICS`) with values written in."""
+    """Model x category heatmaps (one panel per metric in :data:`HEATMAP_METRICS`), the mean last, values written in."""
     plt = _pyplot()
-    table = per_category[per_category["category"] != "mean"]
-    models = list(dict.fromkeys(table["model"]))
-    categories = list(dict.fromkeys(table["category"]))
-    fig, axes = plt.subplots(len(HEATMAP_METRICS), 1, figsize=(max(6.0, 1.0 + 0.8 * len(categories)), 0.5 + len(HEATMAP_METRICS) * (0.9 + 0.45 * len(models))), squeeze=False)
+    models = list(dict.fromkeys(per_category["model"]))
+    categories = [c for c in dict.fromkeys(per_category["category"]) if c != "mean"]
+    columns = [*categories, "mean"]
+    label_width = 0.07 * max((len(m) for m in models), default=10)
+    fig, axes = plt.subplots(
+        len(HEATMAP_METRICS), 1,
+        figsize=(label_width + max(4.0, 0.9 * len(columns)) + 1.0, 0.6 + len(HEATMAP_METRICS) * (0.8 + 0.4 * len(models))),
+        squeeze=False,
+    )  # fmt: skip
+    cmap = plt.get_cmap("RdYlGn")
     image = None
     for k, (ax, column) in enumerate(zip(axes[:, 0], HEATMAP_METRICS, strict=True)):
-        grid = np.full((len(models), len(categories)), np.nan)
+        grid = np.full((len(models), len(columns)), np.nan)
         for i, model in enumerate(models):
-            for j, category in enumerate(categories):
-                value = table[(table["model"] == model) & (table["category"] == category)][column]
+            for j, category in enumerate(columns):
+                value = per_category[(per_category["model"] == model) & (per_category["category"] == category)][column]
                 if len(value):
                     grid[i, j] = float(value.iloc[0])
-        image = ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=100, aspect="auto")
         for i in range(len(models)):
-            for j in range(len(categories)):
-                ax.text(j, i, "n/a" if np.isnan(grid[i, j]) else f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=7)
-        last = k == len(HEATMAP_METRICS) - 1  # same categories in every panel: label the bottom one
-        ax.set_xticks(range(len(categories)), categories if last else [], rotation=30, ha="right", fontsize=8)
-        ax.set_yticks(range(len(models)), models, fontsize=8)
-        ax.set_title(f"{column} (%)", fontsize=9)
+            for j in range(len(columns)):
+                value = grid[i, j]
+                dark = not np.isnan(value) and (value > 85 or value < 15)  # ends of RdYlGn: white text reads better
+                ax.text(j, i, "n/a" if np.isnan(value) else f"{value:.0f}", ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black", fontweight="bold" if columns[j] == "mean" else "normal")  # fmt: skip
+        ax.axvline(len(categories) - 0.5, color="black", lw=1.5)  # the mean column apart from the categories
+        last = k == len(HEATMAP_METRICS) - 1  # same columns in every panel: label the bottom one
+        ax.set_xticks(range(len(columns)), columns if last else [], rotation=30, ha="right", fontsize=9)
+        ax.set_yticks(range(len(models)), models, fontsize=9)
+        ax.set_title(f"{column} (%) per category", fontsize=10)
     if image is not None:
-        fig.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.03)
+        fig.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.03, label="%")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
 def plot_anomaly_maps(results: Sequence[ModelResult], probe: ProbeImages, path: Path) -> Path:
-    """Rows: the test images, their ground truth, then each model's anomaly map over the image."""
+    """Rows: the test images, their ground truth, then each model's anomaly map over the image.
+
+    The ground-truth outline is drawn on every model's map, so whether the hot region is the
+    defect can be seen without looking up and down; the title is the model's normalised image
+    score, red when it flags the image (>= 0.5, its threshold).
+    """
     plt = _pyplot()
     ok = [r for r in results if r.ok and r.grid_maps is not None]
     n = probe.grid_images.shape[0]
     rows = 1 + (probe.grid_masks is not None) + len(ok)
-    fig, axes = plt.subplots(rows, n, figsize=(1.9 * n + 1.6, 1.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, n, figsize=(1.9 * n + 2.4, 1.95 * rows), squeeze=False)
     images = probe.grid_images.permute(0, 2, 3, 1).float().clamp(0, 1).cpu().numpy()
-    labels = ["image"] + (["ground truth"] if probe.grid_masks is not None else []) + [r.label for r in ok]
+    masks = probe.grid_masks.cpu().numpy() if probe.grid_masks is not None else None
+    labels = ["image"] + (["ground truth"] if masks is not None else []) + [r.label for r in ok]
     overlay = None
     for j in range(n):
         axes[0, j].imshow(images[j])
-        axes[0, j].set_title(probe.grid_titles[j], fontsize=6)
+        axes[0, j].set_title(probe.grid_titles[j], fontsize=7)
         row = 1
-        if probe.grid_masks is not None:
-            axes[row, j].imshow(probe.grid_masks[j].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        if masks is not None:
+            axes[row, j].imshow(masks[j], cmap="gray", vmin=0, vmax=1)
             row += 1
         for r in ok:
-            axes[row, j].imshow(images[j])
-            overlay = axes[row, j].imshow(r.grid_maps[j], cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+            ax = axes[row, j]
+            ax.imshow(images[j])
+            overlay = ax.imshow(r.grid_maps[j], cmap="jet", alpha=0.55, vmin=0.0, vmax=1.0)
+            if masks is not None and masks[j].any():
+                ax.contour(masks[j].astype(float), levels=[0.5], colors="white", linewidths=0.8)
             if j < len(r.grid_scores):
-                axes[row, j].set_title(f"{r.grid_scores[j]:.2f}", fontsize=6, pad=2)
+                score = r.grid_scores[j]
+                ax.set_title(f"score {score:.2f}", fontsize=7, pad=2, color="red" if score >= 0.5 else "black")
             row += 1
     for i, label in enumerate(labels):
-        axes[i, 0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+        axes[i, 0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
     if overlay is not None:
-        fig.colorbar(overlay, ax=axes.ravel().tolist(), fraction=0.02, label="normalised anomaly map")
+        fig.colorbar(overlay, ax=axes.ravel().tolist(), fraction=0.02, label="normalised anomaly map (0.5 = model's threshold)")
+    fig.suptitle("Same test images, each model's anomaly map (white outline: ground truth)", fontsize=10)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path

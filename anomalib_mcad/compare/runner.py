@@ -107,12 +107,20 @@ def build_guards(offline: bool, random_weights: bool) -> Iterator[None]:
         yield
 
 
-def make_datamodule(data: Mapping[str, Any] | Any) -> Any:  # noqa: ANN401
-    """A fresh datamodule from its ``class_path``/``init_args`` (an instance is returned as is)."""
+def make_datamodule(data: Mapping[str, Any] | Any, overrides: Mapping[str, Any] | None = None) -> Any:  # noqa: ANN401
+    """A fresh datamodule from its ``class_path``/``init_args`` (an instance is returned as is).
+
+    ``overrides`` replace loader arguments (a model's own batch size); they need the
+    configuration form, since an instance is shared by every model.
+    """
     from anomalib.data import AnomalibDataModule  # noqa: PLC0415
 
     if isinstance(data, Mapping):
-        return instantiate(AnomalibDataModule, data)
+        init_args = {**dict(data.get("init_args") or {}), **dict(overrides or {})}
+        return instantiate(AnomalibDataModule, {**data, "init_args": init_args})
+    if overrides:
+        msg = f"per-model data arguments {dict(overrides)} need the datamodule as class_path/init_args, not an instance"
+        raise ValueError(msg)
     return data
 
 
@@ -191,7 +199,7 @@ def run_model(
             if not settings.anomalib_evaluator and "evaluator" not in spec.init_args:
                 model.evaluator = None  # a second metric set at every validation and test; the report uses PerCategoryMetrics
             result.stage = "data"
-            datamodule = make_datamodule(data)
+            datamodule = make_datamodule(data, spec.data)
             metrics = PerCategoryMetrics(eval_size=settings.eval_size, output_dir=output_dir, print_table=False)
             trainer_args: dict[str, Any] = {"accelerator": "auto", "devices": 1, "logger": False, **settings.trainer, **spec.trainer}
             callbacks = [metrics, *trainer_args.pop("callbacks", [])]
@@ -199,6 +207,9 @@ def run_model(
             engine = Engine(callbacks=callbacks, **trainer_args)
 
             result.stage = "fit"
+            # again before training: building the model drew a model-dependent amount of random
+            # numbers, and a datamodule that shuffles with the global generator must not see that
+            seed_everything(settings.seed, workers=True)
             with PeakMemory() as memory:
                 start = time.perf_counter()
                 engine.fit(model=model, datamodule=datamodule)
@@ -278,7 +289,7 @@ def device_description() -> str:
                 name = line.split(":", 1)[1].strip()
                 break
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"cpu ({name}, {cores} cores available, {torch.get_num_threads()} torch threads)"
+    return f"cpu ({name}, {cores} cores available, {torch.get_num_threads()} torch threads); no CUDA device found"
 
 
 def as_specs(models: Sequence[ModelSpec | Mapping[str, Any] | str]) -> list[ModelSpec]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 import yaml
 
 from anomalib_mcad.compare import CompareSettings, DownloadBlockedError, ModelSpec, block_downloads, load_settings, random_backbone_weights
-from anomalib_mcad.compare.config import instantiate
+from anomalib_mcad.compare.config import import_class, instantiate
+from anomalib_mcad.compare.runner import build_guards, make_datamodule
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "compare"
@@ -20,12 +22,14 @@ def test_synthetic_config_parses_into_specs_data_and_settings() -> None:
     assert data["class_path"] == "anomalib_mcad.data.MultiClassDataModule"
     assert data["init_args"]["root"] == "./datasets/synthetic"
     paths = [m.class_path for m in models]
-    assert "anomalib_mcad.Dinomaly" in paths and "anomalib.models.Patchcore" in paths
+    ours = {"anomalib_mcad.Dinomaly", "anomalib_mcad.InpFormer", "anomalib_mcad.MintAd", "anomalib_mcad.MaskAd", "anomalib_mcad.Pmad"}
+    assert ours <= set(paths) and "anomalib.models.Patchcore" in paths
     builtin_dinomaly = next(m for m in models if m.class_path == "anomalib.models.Dinomaly")
     assert builtin_dinomaly.random_weights is True
-    assert all(m.init_args.get("pretrained", m.init_args.get("pre_trained", False)) is False for m in models)
+    for m in models:  # offline: no argument asks for pretrained weights
+        assert all(m.init_args.get(key, False) is False for key in ("pretrained", "pre_trained", "proto_pretrained")), m.label
     assert settings.offline is True and settings.seed == 42
-    assert settings.trainer["max_steps"] == 40
+    assert settings.trainer["max_steps"] == 20
     assert isinstance(settings.output_dir, Path)
 
 
@@ -37,6 +41,54 @@ def test_mvtec_config_lists_our_five_models_and_four_builtins() -> None:
     assert paths == ours | builtins
     assert data["init_args"]["dataset"] == "mvtec_ad"
     assert settings.offline is False  # real data, pretrained weights
+    by_path = {m.class_path: m for m in models}
+    # the papers' settings where they differ from the shared ones: batch size and training length
+    assert by_path["anomalib_mcad.MintAd"].data == {"train_batch_size": 32, "eval_batch_size": 32}
+    assert by_path["anomalib_mcad.MaskAd"].data["train_batch_size"] == 80
+    assert by_path["anomalib_mcad.Pmad"].data == {"train_batch_size": 4}
+    assert by_path["anomalib_mcad.Dinomaly"].trainer == {"max_steps": 10000}
+    assert by_path["anomalib_mcad.Pmad"].trainer["max_epochs"] == 300
+    assert all(m.init_args.get("pretrained", True) is not False for m in models if m.class_path in ours)
+
+
+# Arguments that would load pretrained weights, and their offline value (a random network).
+_PRETRAINED_OFF = {"pretrained": False, "pre_trained": False, "proto_pretrained": False, "tokenizer_weights": None}
+_CONFIG_MODELS = [
+    (name, index)
+    for name in ("synthetic_cpu.yaml", "mvtec_multiclass.yaml")
+    for index in range(len(yaml.safe_load((CONFIGS / name).read_text())["models"]))
+]
+
+
+@pytest.mark.parametrize(("config", "index"), _CONFIG_MODELS, ids=[f"{c.removesuffix('.yaml')}-{i}" for c, i in _CONFIG_MODELS])
+def test_every_config_model_resolves_and_builds_without_weights(config: str, index: int) -> None:
+    """Each model of the shipped configs, at the config's sizes, with every pretrained argument off."""
+    from anomalib.models import AnomalibModule
+
+    models, _, _ = load_settings(CONFIGS / config)
+    spec = models[index]
+    init_args = {key: (_PRETRAINED_OFF[key] if key in _PRETRAINED_OFF else value) for key, value in spec.init_args.items()}
+    # anomalib's Dinomaly/InpFormer have no pretrained argument: random_weights is how to build them offline
+    random_weights = spec.random_weights or spec.class_path in {"anomalib.models.Dinomaly", "anomalib.models.InpFormer"}
+    with build_guards(offline=True, random_weights=random_weights):  # a download attempt raises
+        cls = import_class(spec.class_path, AnomalibModule)
+        if "num_classes" in inspect.signature(cls).parameters:
+            init_args.setdefault("num_classes", 4)  # MINT-AD builds its network now, not at fit
+        model = instantiate(AnomalibModule, {"class_path": spec.class_path, "init_args": init_args})
+    assert isinstance(model, AnomalibModule)
+    assert type(model).__name__ == spec.class_path.rsplit(".", 1)[1]
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_per_model_data_arguments_change_batching_only(synthetic_root: Path) -> None:
+    data = {"class_path": "anomalib_mcad.data.MultiClassDataModule", "init_args": {"root": str(synthetic_root), "train_batch_size": 16}}
+    datamodule = make_datamodule(data, {"train_batch_size": 4})
+    assert datamodule.train_batch_size == 4
+    assert data["init_args"]["train_batch_size"] == 16  # the shared configuration is not modified
+    with pytest.raises(ValueError, match=r"would change the data.*train_batch_size"):
+        ModelSpec.from_config({"class_path": "anomalib.models.Padim", "data": {"root": "elsewhere"}})
+    with pytest.raises(ValueError, match="need the datamodule as class_path/init_args"):
+        make_datamodule(datamodule, {"train_batch_size": 4})
 
 
 def test_command_line_overrides_the_yaml(tmp_path: Path) -> None:
