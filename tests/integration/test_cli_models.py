@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 #: Per model: the class path users type, and init args that shrink the tiny config further.
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "inp_former": ("anomalib_mcad.InpFormer", {"image_size": 64, "crop_size": 56}),
+    "mask_ad": ("anomalib_mcad.MaskAd", {"pretrained": False}),
     "mint_ad": ("anomalib_mcad.MintAd", {"pretrained": False}),
     "pmad": ("anomalib_mcad.Pmad", {"proto_pretrained": False}),
 }
