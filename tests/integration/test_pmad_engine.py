@@ -20,6 +20,7 @@ from anomalib.data.utils import read_image
 from anomalib.deploy import ExportType, OpenVINOInferencer
 from anomalib.engine import Engine
 from lightning.pytorch import Callback, seed_everything
+from torch.utils.data import DataLoader
 
 from anomalib_mcad.data import MultiClassDataModule
 from anomalib_mcad.models.image.pmad import Pmad
@@ -40,6 +41,8 @@ TINY: dict[str, Any] = {
     "flow_epochs": 1,
     "dynamic_start_epoch": 1,
     "drop_path": 0.0,
+    # distinct ratios (12, 19 and 28 of 64 patches), so a wrong ratio would show
+    "mask_ratios": {"brick": 0.2, "grass": 0.3, "washer": 0.45},
 }
 QUIET: dict[str, Any] = {"logger": False, "devices": 1, "accelerator": "cpu", "enable_progress_bar": False}
 
@@ -88,6 +91,21 @@ def test_checkpoint_restores_tokenizer_prototypes_flow_and_scores(fitted: dict[s
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).pred_score, trained(x).pred_score)
     assert loaded.errors.counts.sum() > 0  # dynamic-masking statistics are in the checkpoint too
+    # the image-only path's per-category mask counts (datamodule order: brick, grass, washer)
+    assert loaded.model.category_mask_counts.tolist() == trained.model.category_mask_counts.tolist() == [12, 19, 28]
+
+
+def test_prototypes_come_from_one_full_pass_over_the_training_set(fitted: dict[str, Any]) -> None:
+    """The pool is the coreset of every training image's patches (not of a rank's shard or a shuffled subset)."""
+    model: Pmad = fitted["model"].eval()
+    dm = MultiClassDataModule(root=fitted["root"], num_workers=0)
+    dm.setup()
+    loader = DataLoader(dm.train_data, batch_size=5, shuffle=False, collate_fn=dm.train_data.collate_fn)
+    embeddings, labels = model._collect_embeddings(loader)  # noqa: SLF001
+    assert embeddings.shape[0] == len(dm.train_data) * 8 * 8
+    prototypes, kept = model.model.protoflow.fit_prototypes(embeddings, labels)
+    torch.testing.assert_close(model.model.protoflow.bank.memory, prototypes)
+    torch.testing.assert_close(model.model.protoflow.bank.labels, kept)
 
 
 def test_test_and_predict_from_checkpoint(fitted: dict[str, Any]) -> None:
@@ -148,6 +166,16 @@ def test_learning_check_multi_class(tmp_path: Path) -> None:
     print(result.to_string())
     assert result.loc["mean", "image_AUROC"] >= 0.55, result
     assert result.loc["mean", "pixel_AUROC"] >= 0.65, result
+    # the exported (image-only) path infers each test image's category from its nearest prototypes
+    # to pick that category's mask ratio: with real features it is right for nearly every image
+    right = total = 0
+    with torch.no_grad():
+        for batch in dm.test_dataloader():
+            _, nearest = model.model.protoflow.propose(model.pre_processor.transform(batch.image))
+            votes = torch.stack([(nearest.flatten(1) == c).sum(1) for c in range(3)], dim=1)
+            right += int((votes.argmax(1) == batch.category_index).sum())
+            total += batch.image.shape[0]
+    assert right >= 0.9 * total, (right, total)
 
 
 def test_cross_class_with_few_shot_prototypes(fitted: dict[str, Any], synthetic_root: Path, tmp_path: Path) -> None:

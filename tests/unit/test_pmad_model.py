@@ -217,3 +217,88 @@ def test_lightning_ratios_and_errors() -> None:
         Pmad(**kwargs, default_mask_ratio=0.05)  # 3 patches of an 8x8 grid: less than one block of 4
     with pytest.raises(ValueError, match="prototype_search"):
         Pmad(**kwargs, prototype_search="nearest")
+
+
+def test_image_only_counts_follow_the_category_of_the_nearest_prototypes(fitted: PmadModel) -> None:
+    """Without a known category, each image uses the ratio of the category most of its patches' nearest prototypes belong to."""
+    labels = torch.tensor([[[1, 1], [0, 1]], [[0, 0], [1, 0]], [[0, 1], [1, 0]]])  # majority 1, majority 0, tie
+    fitted.set_category_mask_ratios([0.1, 0.3])
+    try:
+        assert fitted.category_mask_counts.tolist() == [6, 19]
+        assert fitted.inferred_mask_counts(labels).tolist() == [19, 6, 6]  # a tie goes to the lower index
+        x = torch.randn(3, 3, 64, 64)
+        with torch.no_grad():
+            nll, nearest = fitted.protoflow.propose(x)
+            counts = fitted.inferred_mask_counts(nearest)
+            out = fitted(x)
+            torch.testing.assert_close(out.anomaly_map, fitted(x, mask_counts=counts).anomaly_map)
+            torch.testing.assert_close(nll, fitted.proposal_nll(x))
+            # one image alone gets the same inferred ratio and score as in the batch
+            torch.testing.assert_close(fitted(x[1:2]).pred_score, out.pred_score[1:2])
+            fitted.infer_category = False  # one fixed ratio instead
+            torch.testing.assert_close(fitted(x).anomaly_map, fitted(x, mask_counts=fitted.default_mask_count.expand(3)).anomaly_map)
+    finally:
+        fitted.infer_category = True
+        fitted.category_mask_counts = torch.empty(0, dtype=torch.long)
+    assert "default_mask_count" not in fitted.state_dict() and "category_mask_counts" in fitted.state_dict()
+
+
+def test_deploy_category_fixes_the_exported_ratio_and_survives_checkpoint_loading() -> None:
+    kwargs = {"arch": TINY_VIT, "image_size": 64, "patch_size": 8, "tokenizer": "small", "proto_backbone": "efficientnet_lite0",
+              "proto_pretrained": False, "condition_dim": 16}  # fmt: skip
+    deployed = Pmad(**kwargs, mask_ratios={"washer": 0.45, "brick": 0.2}, deploy_category="mvtec_layout/washer")
+    assert not deployed.model.infer_category and int(deployed.model.default_mask_count) == 28  # floor(0.45 * 64)
+    # a checkpoint written with other arguments (and the older layout holding the count) keeps the deployment ratio
+    trained = Pmad(**kwargs, mask_ratios={"washer": 0.45, "brick": 0.2})
+    trained.model.set_category_mask_ratios([0.2, 0.45])
+    state = dict(trained.state_dict())
+    state["model.default_mask_count"] = torch.tensor(19)
+    checkpoint = {"state_dict": state}
+    deployed.on_load_checkpoint(checkpoint)
+    deployed.load_state_dict(checkpoint["state_dict"])
+    assert int(deployed.model.default_mask_count) == 28
+    assert deployed.model.category_mask_counts.tolist() == [12, 28]
+    deployed.set_deploy_category(None)
+    assert deployed.model.infer_category and int(deployed.model.default_mask_count) == 19
+    with pytest.raises(ValueError, match="deploy_category 'wahser' has no mask ratio"):
+        Pmad(**kwargs, deploy_category="wahser")
+    with pytest.raises(ValueError, match="open interval"):
+        Pmad(**kwargs, mask_ratios={"washer": 1.0}, deploy_category="washer")
+
+
+def test_table5_optimisers_and_schedules() -> None:
+    """Defaults and the two optimisers a fit builds: MIM AdamW 1.5e-3 -> 1e-5 cosine, 10 warm-up epochs,
+    wd 0.05 (not on biases/norms/tokens), clip 3.0, 300 epochs; flow Adam 2e-4, 2 warm-up epochs from lr/10,
+    cosine to lr x 0.1^3 over 200 epochs; 4 couplings, clamp 1.9, 128-d condition, 1 % coreset."""
+    import inspect
+    from types import SimpleNamespace
+
+    defaults = {k: v.default for k, v in inspect.signature(Pmad.__init__).parameters.items()}
+    table5 = {"lr": 1.5e-3, "min_lr": 1e-5, "warmup_epochs": 10, "weight_decay": 0.05, "betas": (0.9, 0.999),
+              "gradient_clip_val": 3.0, "flow_lr": 2e-4, "flow_epochs": 200, "flow_warmup_epochs": 2, "flow_lr_decay": 0.1,
+              "n_coupling": 4, "clamp": 1.9, "condition_dim": 128, "coreset_ratio": 0.01, "proto_backbone": "tf_efficientnet_b6",
+              "sigma": 4.0, "image_size": 224, "patch_size": 16, "min_mask_patches": 4, "min_aspect": 0.3,
+              "dynamic_start_epoch": 100, "init_values": 0.1, "drop_path": 0.1}  # fmt: skip
+    assert {k: defaults[k] for k in table5} == table5
+    model = Pmad(arch=TINY_VIT, image_size=64, patch_size=8, tokenizer="small", proto_backbone="efficientnet_lite0",
+                 proto_pretrained=False, condition_dim=16, n_coupling=4)  # fmt: skip
+    blocks = model.model.protoflow.flow.flow.module_list
+    assert len(blocks) == 4 and all(b.clamp == 1.9 for b in blocks)
+    per_epoch, epochs = 2, 300
+    model._trainer = SimpleNamespace(estimated_stepping_batches=per_epoch * epochs, num_training_batches=per_epoch)  # noqa: SLF001
+    (mim_opt, flow_opt), (mim_sched, flow_sched) = model.configure_optimizers()
+    assert isinstance(mim_opt, torch.optim.AdamW) and isinstance(flow_opt, torch.optim.Adam)
+    assert mim_opt.defaults["betas"] == (0.9, 0.999)
+    decay, no_decay = mim_opt.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and any(p.ndim == 1 for p in no_decay["params"])
+    assert any(p is model.model.mim.encoder.cls_token for p in no_decay["params"])
+    steps = range(per_epoch * epochs)
+    mim_lr = [mim_sched.lr_at(i, 1.5e-3) for i in steps]
+    flow_lr = [2e-4 * flow_sched.lr_lambdas[0](i) for i in steps]
+    assert max(mim_lr) == pytest.approx(1.5e-3) and mim_lr.index(max(mim_lr)) == 10 * per_epoch - 1  # peak after 10 epochs
+    assert mim_lr[-1] == pytest.approx(1e-5, rel=1e-2) and mim_lr[0] < 1e-5
+    assert all(a >= b for a, b in zip(mim_lr[10 * per_epoch :], mim_lr[10 * per_epoch + 1 :], strict=False))  # cosine decay
+    assert flow_lr[0] == pytest.approx(2e-5)  # warm-up from lr / 10
+    assert max(flow_lr) <= 2e-4 and flow_lr[2 * per_epoch] == pytest.approx(max(flow_lr), rel=1e-3)
+    assert flow_lr[200 * per_epoch] == pytest.approx(2e-4 * 1e-3) and flow_lr[-1] == pytest.approx(2e-4 * 1e-3)

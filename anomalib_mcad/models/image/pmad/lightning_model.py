@@ -33,6 +33,7 @@ from torch.nn import functional as F  # noqa: N812
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_mcad.models.components.base import McadModule
+from anomalib_mcad.models.components.distributed import full_training_loader, gather_rows, reduce_min
 from anomalib_mcad.models.components.foreground import foreground_mask
 from anomalib_mcad.models.components.masking import CombinationalMaskGenerator, PatchErrorRecorder, rank_loss_weights
 from anomalib_mcad.models.components.optim import WarmupCosineLR
@@ -64,7 +65,10 @@ class Pmad(McadModule):
             ``"category"`` restricts Engine test/validation to the batch's category pool
             (the authors' per-class evaluation) when that category has prototypes.
         mask_ratios: category -> mask ratio; ``None`` = Table 6 (MVTec-AD names).
-        default_mask_ratio: ratio for other categories and for the exported graph (0.3).
+        default_mask_ratio: ratio for categories without one (0.3, the authors' default).
+        deploy_category: image-only scoring (the exported graph, predictions on images without
+            a category) uses this category's ratio. ``None`` (default): each image's category is
+            inferred from its nearest prototypes (majority over patches) and its ratio used.
         min_mask_patches, min_aspect: blockwise masking (4, 0.3; Algorithm 1).
         dynamic_start_epoch: epoch from which dynamic weights are used (100).
         lr, min_lr, warmup_epochs, weight_decay, betas, gradient_clip_val: MIM optimiser
@@ -97,6 +101,7 @@ class Pmad(McadModule):
         prototype_search: Literal["all", "category"] = "all",
         mask_ratios: Mapping[str, float] | None = None,
         default_mask_ratio: float = 0.3,
+        deploy_category: str | None = None,
         min_mask_patches: int = 4,
         min_aspect: float = 0.3,
         dynamic_start_epoch: int = 100,
@@ -156,6 +161,7 @@ class Pmad(McadModule):
         # training categories' ratios when training starts (not mid-training)
         self._generators: dict[float, CombinationalMaskGenerator] = {}
         self._generator(float(default_mask_ratio))
+        self.set_deploy_category(deploy_category)
         self.errors = PatchErrorRecorder(1, self.model.grid)
         self._mask_rng = torch.Generator().manual_seed(seed)
         self._new_epoch = True
@@ -174,7 +180,8 @@ class Pmad(McadModule):
     def _generator(self, ratio: float) -> CombinationalMaskGenerator:
         if ratio not in self._generators:
             hp = self.hparams
-            self._generators[ratio] = CombinationalMaskGenerator(self.model.grid, ratio, hp.min_mask_patches, hp.min_aspect)
+            with torch.device("cpu"):  # masks are drawn on the CPU, whatever the default device
+                self._generators[ratio] = CombinationalMaskGenerator(self.model.grid, ratio, hp.min_mask_patches, hp.min_aspect)
         return self._generators[ratio]
 
     def mask_ratio(self, category: str | None) -> float:
@@ -183,6 +190,28 @@ class Pmad(McadModule):
             return float(self.hparams.default_mask_ratio)
         name = str(category).rsplit("/", 1)[-1]
         return float(self.mask_ratios.get(category, self.mask_ratios.get(name, self.hparams.default_mask_ratio)))
+
+    def set_deploy_category(self, category: str | None) -> None:
+        """Fix the image-only path's mask ratio to ``category``'s (``None``: infer each image's category).
+
+        Use before ``Engine.export`` (without ``ckpt_path``, which would reload the checkpoint's
+        arguments) to export a graph for one product, e.g.
+        ``Pmad.load_from_checkpoint(ckpt, deploy_category="screw")``.
+        """
+        if category is not None and category not in self.mask_ratios and str(category).rsplit("/", 1)[-1] not in self.mask_ratios:
+            msg = (
+                f"deploy_category '{category}' has no mask ratio (known: {sorted(self.mask_ratios)}); "
+                f"add it to mask_ratios, e.g. mask_ratios={{'{category}': {self.hparams.default_mask_ratio}}}"
+            )
+            raise ValueError(msg)
+        self.hparams["deploy_category"] = category
+        self.model.infer_category = category is None
+        self.model.set_default_mask_ratio(self.mask_ratio(category))
+
+    def _set_category_ratios(self, names: Sequence[str]) -> None:
+        """Mask-count table of the image-only path, one entry per category index of the datamodule."""
+        if names:
+            self.model.set_category_mask_ratios([self.mask_ratio(name) for name in names])
 
     def _categories(self, batch: Batch) -> list[str | None]:
         names = getattr(batch, "category", None)
@@ -217,9 +246,10 @@ class Pmad(McadModule):
         return torch.cat(rows), torch.cat(labels)
 
     def on_train_start(self) -> None:
-        """Prototype pool from the training set (frozen backbone), before the first step."""
+        """Prototype pool from the whole training set (frozen backbone), before the first step."""
         super().on_train_start()
         datamodule = getattr(self.trainer, "datamodule", None)
+        self._set_category_ratios(list(getattr(datamodule, "category_names", None) or []))
         count = int(getattr(datamodule, "num_train_categories", 1) or 1)
         for category in getattr(datamodule, "train_categories", None) or []:
             try:
@@ -231,7 +261,7 @@ class Pmad(McadModule):
             self.errors = PatchErrorRecorder(count, self.model.grid).to(self.device)
         if self.model.protoflow.is_fitted:
             return  # resumed from a checkpoint
-        embeddings, labels = self._collect_embeddings(self.trainer.train_dataloader)
+        embeddings, labels = self._collect_embeddings(full_training_loader(self.trainer))
         prototypes, kept = self.model.protoflow.fit_prototypes(embeddings, labels)
         self.model.protoflow.set_prototypes(prototypes, kept)
 
@@ -240,6 +270,7 @@ class Pmad(McadModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if getattr(datamodule, "support_data", None) is None or not self.model.protoflow.is_fitted:
             return
+        self._set_category_ratios(list(getattr(datamodule, "category_names", None) or []))
         embeddings, labels = self._collect_embeddings(datamodule.support_dataloader())
         present = set(self.model.protoflow.bank.labels.tolist())
         new = torch.tensor([int(v) not in present for v in labels.tolist()], dtype=torch.bool)
@@ -258,11 +289,16 @@ class Pmad(McadModule):
         self._add_support_prototypes()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Size the per-category error recorder as in the checkpoint."""
-        super().on_load_checkpoint(checkpoint)
-        stored = checkpoint.get("state_dict", {}).get("errors.errors")
+        """Size the per-category error recorder and mask-count table as in the checkpoint."""
+        state = checkpoint.get("state_dict", {})
+        state.pop("model.default_mask_count", None)  # older checkpoints: now derived from the arguments
+        counts = state.get("model.category_mask_counts")
+        if counts is not None:
+            self.model.category_mask_counts = torch.zeros_like(counts)
+        stored = state.get("errors.errors")
         if stored is not None and stored.shape != self.errors.errors.shape:
             self.errors = PatchErrorRecorder(int(stored.shape[0]), self.model.grid)
+        super().on_load_checkpoint(checkpoint)
 
     # ---------------------------------------------------------------- training
     def _training_masks(self, batch: Batch, images: torch.Tensor, embedding: torch.Tensor, dynamic: bool) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
@@ -309,7 +345,7 @@ class Pmad(McadModule):
         mim_sched.step()
         per_patch = torch.zeros_like(mask, dtype=token_ce.dtype)
         per_patch[mask] = token_ce.detach()
-        self.errors.update(self._category_index(batch), mask, per_patch)
+        self.errors.update(gather_rows(self._category_index(batch)), gather_rows(mask), gather_rows(per_patch))
 
         # ProtoFlow
         residual = model.protoflow.residual(embedding)
@@ -328,7 +364,7 @@ class Pmad(McadModule):
         # likelihood reference: smallest training-patch NLL of the current epoch so far (so the
         # validation at the end of an epoch sees the whole epoch's value)
         reference = self.model.protoflow.reference_nll
-        batch_min = nll.min().to(reference)
+        batch_min = reduce_min(nll.min().to(reference))
         reference.copy_(batch_min if self._new_epoch or not torch.isfinite(reference) else torch.minimum(reference, batch_min))
         self._new_epoch = False
 
@@ -381,8 +417,12 @@ class Pmad(McadModule):
         return [mim_opt, flow_opt], [mim_sched, flow_sched]
 
     # --------------------------------------------------------------- inference
-    def _mask_counts(self, batch: Batch) -> torch.Tensor:
-        counts = [self.model.mask_count(self.mask_ratio(c)) for c in self._categories(batch)]
+    def _mask_counts(self, batch: Batch) -> torch.Tensor | None:
+        """Known categories' counts; ``None`` (image-only rule) for batches without categories."""
+        categories = self._categories(batch)
+        if any(c is None for c in categories):
+            return None
+        counts = [self.model.mask_count(self.mask_ratio(c)) for c in categories]
         return torch.tensor(counts, device=batch.image.device)
 
     def _search_category(self, batch: Batch) -> torch.Tensor | None:

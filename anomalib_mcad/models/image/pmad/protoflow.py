@@ -107,9 +107,13 @@ class ProtoFlow(nn.Module):
 
     def residual(self, embedding: torch.Tensor, category: torch.Tensor | None = None) -> torch.Tensor:
         """``x - nearest prototype`` per patch (B, C, H, W); ``category`` restricts the search to its pool."""
+        return self.residual_and_labels(embedding, category)[0]
+
+    def residual_and_labels(self, embedding: torch.Tensor, category: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual (B, C, H, W) and the category label of each patch's nearest prototype (B, H, W)."""
         query = embedding.permute(0, 2, 3, 1)
-        nearest, _, _ = self.bank.nearest(query, category=category)
-        return embedding - nearest.permute(0, 3, 1, 2)
+        nearest, _, index = self.bank.nearest(query, category=category)
+        return embedding - nearest.permute(0, 3, 1, 2), self.bank.labels[index]
 
     def nll(self, residual: torch.Tensor) -> torch.Tensor:
         """Per-channel negative log-likelihood ``-log p / C`` (B, H, W) of residual features."""
@@ -126,4 +130,9 @@ class ProtoFlow(nn.Module):
 
     def forward(self, images: torch.Tensor, category: torch.Tensor | None = None) -> torch.Tensor:
         """Per-channel NLL map (B, H/8, W/8) of ImageNet-normalised images."""
-        return self.nll(self.residual(self.embed(images), category))
+        return self.propose(images, category)[0]
+
+    def propose(self, images: torch.Tensor, category: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """NLL map (B, H/8, W/8) and the category label of each patch's nearest prototype (B, H/8, W/8)."""
+        residual, labels = self.residual_and_labels(self.embed(images), category)
+        return self.nll(residual), labels

@@ -4,7 +4,9 @@ Inference (one image at a time, nothing from the test set):
 
 1. ProtoFlow's per-patch NLL on its 28x28 grid is resized to the ViT grid (bilinear,
    ``align_corners=True``, as the authors) and the ``k = floor(m N)`` highest patches are masked
-   (``m``: the mask ratio of the image's category, Table 6, or ``default_mask_ratio``).
+   (``m``: the mask ratio of the image's category, Table 6, or ``default_mask_ratio``; when the
+   category is not given, it is the category most of the image's patches have their nearest
+   prototype in, so the exported image-only graph still applies per-category ratios).
 2. The masked image model predicts the visual token of every patch; the anomaly value of a
    masked patch is the cross-entropy of its true token (from the tokenizer on the unmasked
    image), zero elsewhere.
@@ -168,7 +170,8 @@ class PmadModel(nn.Module):
         proto_backbone, proto_stages, proto_pretrained, n_coupling, clamp, condition_dim,
         coreset_ratio: :class:`ProtoFlow`.
         default_mask_ratio: proposal ratio for images without a category ratio (0.3, the
-            authors' ``--mask_ratio`` default); also the exported graph's ratio.
+            authors' ``--mask_ratio`` default), and of the image-only path when no category
+            ratios are known or ``infer_category`` is off.
         sigma: Gaussian smoothing of the map (4).
     """
 
@@ -206,7 +209,15 @@ class PmadModel(nn.Module):
             msg = f"img_size {img_size} must be a multiple of ProtoFlow's stride {self.protoflow.reduction}"
             raise ValueError(msg)
         self.default_mask_ratio = float(default_mask_ratio)
-        self.register_buffer("default_mask_count", torch.tensor(self.mask_count(default_mask_ratio)))
+        # derived from the constructor arguments, not learned: kept out of the state dict so a
+        # checkpoint loaded for another deployment ratio does not overwrite it
+        self.register_buffer("default_mask_count", torch.tensor(self.mask_count(default_mask_ratio)), persistent=False)
+        #: masked-patch count per category index (the Table 6 ratio of each category the model
+        #: knows); empty until training names the categories
+        self.register_buffer("category_mask_counts", torch.empty(0, dtype=torch.long))
+        #: image-only scoring: infer each image's category from its nearest prototypes and use that
+        #: category's count (True), or always ``default_mask_count`` (False: one fixed ratio)
+        self.infer_category = True
         self.blur = GaussianBlur2d(sigma=sigma, channels=1)
 
     @property
@@ -220,6 +231,34 @@ class PmadModel(nn.Module):
             msg = f"mask ratio must lie in the open interval (0, 1), got {ratio}"
             raise ValueError(msg)
         return max(1, math.floor(ratio * self.mim.num_patches + 1e-9))
+
+    def set_default_mask_ratio(self, ratio: float) -> None:
+        """Ratio of the image-only path when the category is not inferred (e.g. one deployment category)."""
+        count = self.mask_count(ratio)
+        self.default_mask_ratio = float(ratio)
+        self.default_mask_count.fill_(count)
+
+    def set_category_mask_ratios(self, ratios: Sequence[float]) -> None:
+        """Mask ratio of each category index (index = the label of its prototypes)."""
+        counts = [self.mask_count(float(r)) for r in ratios]
+        self.category_mask_counts = torch.tensor(counts, dtype=torch.long, device=self.default_mask_count.device)
+
+    def inferred_mask_counts(self, labels: torch.Tensor) -> torch.Tensor:
+        """Per-image count (B,) of the category most patches' nearest prototypes belong to.
+
+        ``labels`` (B, h, w): nearest-prototype category per patch. Ties go to the lower index.
+        Uses only the image and the training prototypes, so the exported graph needs no category input.
+        """
+        table = self.category_mask_counts
+        classes = torch.arange(table.shape[0], device=labels.device)
+        votes = (labels.flatten(1).unsqueeze(-1) == classes).sum(dim=1)
+        return table[votes.argmax(dim=1)]
+
+    def image_mask_counts(self, labels: torch.Tensor) -> torch.Tensor:
+        """Counts of the image-only path: inferred category's ratio, else ``default_mask_count``."""
+        if self.infer_category and self.category_mask_counts.numel() > 0:
+            return self.inferred_mask_counts(labels)
+        return self.default_mask_count.expand(labels.shape[0])
 
     def proposal_nll(self, images: torch.Tensor, category: torch.Tensor | None = None) -> torch.Tensor:
         """ProtoFlow's per-channel NLL (B, h, w) on its own grid."""
@@ -249,8 +288,8 @@ class PmadModel(nn.Module):
 
         Args:
             images: (B, 3, img_size, img_size).
-            mask_counts: optional (B,) masked-patch count per image (per-category ratios);
-                default ``default_mask_count``.
+            mask_counts: optional (B,) masked-patch count per image (the known category's ratio);
+                default :meth:`image_mask_counts` (inferred category, or ``default_mask_count``).
             category: optional (B,) category index restricting the prototype search.
         """
         if not is_exporting():
@@ -262,8 +301,8 @@ class PmadModel(nn.Module):
                 msg = "PMAD's ProtoFlow has no prototypes or likelihood reference yet: train the model (Engine.fit) first"
                 raise RuntimeError(msg)
         batch = images.shape[0]
-        counts = self.default_mask_count.expand(batch) if mask_counts is None else mask_counts
-        nll = self.proposal_nll(images, category)
+        nll, labels = self.protoflow.propose(images, category)
+        counts = self.image_mask_counts(labels) if mask_counts is None else mask_counts
         mask = self.proposal_mask(nll, counts)
         errors = self.token_errors(images, mask) * mask.to(images.dtype)
         size = images.shape[-2:]
