@@ -125,18 +125,28 @@ def make_datamodule(data: Mapping[str, Any] | Any, overrides: Mapping[str, Any] 
 
 
 def select_probe_images(datamodule: Any, n_images: int) -> ProbeImages:  # noqa: ANN401
-    """One anomalous test image per category (then more anomalous, then normal ones), by path order."""
+    """Anomalous test images taken in turn from each category and, within one, each defect type; then normal ones.
+
+    Deterministic (path order within a defect type), so every model is shown the same images,
+    and varied: a grid of four images over two categories shows two defect types of each.
+    """
     if not hasattr(datamodule, "test_data"):
         datamodule.setup()
     dataset = datamodule.test_data
     samples = dataset.samples.reset_index(drop=True)
     samples = samples.assign(_row=np.arange(len(samples))).sort_values("image_path", kind="stable")
-    anomalous = samples[samples["label_index"] == 1]
     group = "category" if "category" in samples.columns else None
-    first = anomalous.groupby(group).head(1) if group else anomalous.head(1)
-    rest = samples.drop(index=first.index)
-    rest = pd.concat([rest[rest["label_index"] == 1], rest[rest["label_index"] == 0]])
-    rows = list(pd.concat([first, rest])["_row"][: max(1, n_images)])
+    samples["_cat"] = samples[group].astype(str) if group else ""
+    samples["_defect"] = [Path(str(p)).parent.name for p in samples["image_path"]]
+    anomalous = samples[samples["label_index"] == 1].copy()
+    # k-th image of each defect type, defect types in turn, categories in turn
+    anomalous["_k"] = anomalous.groupby(["_cat", "_defect"]).cumcount()
+    anomalous = anomalous.sort_values(["_cat", "_k", "_defect"], kind="stable")
+    anomalous["_turn"] = anomalous.groupby("_cat").cumcount()
+    order = {c: i for i, c in enumerate(dict.fromkeys(samples["_cat"]))}
+    anomalous = anomalous.assign(_c=anomalous["_cat"].map(order)).sort_values(["_turn", "_c"], kind="stable")
+    normal = samples[samples["label_index"] == 0]
+    rows = list(pd.concat([anomalous, normal])["_row"][: max(1, n_images)])
     items = [dataset[int(i)] for i in rows]
     images = torch.stack([torch.as_tensor(item.image) for item in items])
     masks = None

@@ -150,3 +150,19 @@ def test_offline_guard_blocks_downloads_and_random_weights_build_hardcoded_encod
     assert features["layer1"].shape == (1, 64, 8, 8)
     # outside the guards the class is the original again
     assert TimmFeatureExtractor.__init__.__module__ == "anomalib.models.components.feature_extractors.timm"
+
+
+def test_probe_images_take_categories_and_defect_types_in_turn(synthetic_root: Path) -> None:
+    from anomalib_mcad.compare.runner import select_probe_images
+
+    data = {"class_path": "anomalib_mcad.data.MultiClassDataModule", "init_args": {"root": str(synthetic_root), "num_workers": 0}}
+    datamodule = make_datamodule(data)
+    probe = select_probe_images(datamodule, 6)  # sets the datamodule up
+    categories = [title.split("/")[0] for title in probe.grid_titles]
+    defects = [tuple(title.split("/")[:2]) for title in probe.grid_titles]
+    n_categories = len(set(datamodule.test_data.samples["category"]))
+    assert len(set(categories[:n_categories])) == n_categories  # one image of every category first
+    assert len(set(defects)) == len(defects)  # no defect type of a category twice while others remain
+    assert probe.grid_masks is not None and bool(probe.grid_masks.any(dim=(1, 2)).all())  # all anomalous
+    assert probe.grid_images.shape[0] == 6 and probe.image.shape == probe.grid_images.shape[1:]
+    assert select_probe_images(make_datamodule(data), 6).grid_titles == probe.grid_titles  # same for every model
