@@ -1,0 +1,141 @@
+"""Batch-1 CPU latency of MaskAD's whole test-time scheme in torch eager and OpenVINO FP32, and where the time goes.
+
+Paper settings: EfficientNet-b4 stages 1-4 at 224 x 224 (14 x 14 x 272), ViT 768 wide with 5 + 5
+blocks, N = 13 masks on the test and the reference map (26 reconstructions per image), Sinkhorn
+with 50 iterations, a coreset bank of ``--bank-rows`` rows (default: a full MVTec-AD coreset,
+15 categories x ~240 images x 196 patches x 0.1). Random weights (``pretrained=False``; latency
+does not depend on weight values). The OpenVINO model is converted from the torch module
+through ``torch.export`` (as anomalib's exporter does), compiled with
+``INFERENCE_PRECISION_HINT=f32`` and checked against torch before timing.
+
+The share of eager time is measured by timing each part alone with the shapes the full forward
+uses: the N parallel reconstructions (2 x 13 maps), the coreset search, Sinkhorn, and the rest
+(backbone, flow ranking, masks, upsampling). Medians over ``--runs`` in milliseconds.
+
+Usage::
+
+    python benchmarks/mask_ad_latency.py [--runs 5] [--warmup 1] [--threads N] [--bank-rows 70560] [--skip-openvino]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from anomalib_mcad.models.components.sinkhorn import sinkhorn
+from anomalib_mcad.models.image.mask_ad import MaskAdModel
+
+PARITY_TOL = 1e-3
+
+
+class ScoreAndMap(nn.Module):
+    """``(pred_score, anomaly_map)`` of the eval-mode model, for conversion."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score (B,) and map (B, 1, H, W)."""
+        out = self.model(images)
+        return out.pred_score, out.anomaly_map
+
+
+def median_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
+    """Median wall time of ``fn`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def openvino_runner(model: nn.Module, example: torch.Tensor) -> Callable[[], object]:
+    """Convert to OpenVINO FP32, check against torch, return a timed call."""
+    import openvino as ov  # noqa: PLC0415
+
+    wrapper = ScoreAndMap(model).eval()
+    with torch.no_grad():
+        ov_model = ov.convert_model(torch.export.export(wrapper, (example,)))
+        ref_score, ref_map = wrapper(example)
+    compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    data = example.numpy()
+    out = compiled(data)
+    scale = max(float(ref_map.abs().max()), 1.0)
+    error = max(float(np.abs(np.asarray(out[0]) - ref_score.numpy()).max()), float(np.abs(np.asarray(out[1]) - ref_map.numpy()).max())) / scale
+    if error > PARITY_TOL:
+        msg = f"OpenVINO output differs from torch by {error:.2e} (relative to the map's max)"
+        raise RuntimeError(msg)
+    print(f"OpenVINO parity: max difference {error:.1e} of the map's max (tolerance {PARITY_TOL})")
+    return lambda: compiled(data)
+
+
+def main() -> None:
+    """Build the paper-size model, time eager, its parts and OpenVINO, print one table."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--bank-rows", type=int, default=70560)
+    parser.add_argument("--skip-openvino", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = MaskAdModel(pretrained=False).eval()
+    channels = model.backbone.out_channels
+    model.bank.fit(torch.randn(args.bank_rows, channels), torch.arange(args.bank_rows) % 15)
+    model.po_scale.fill_(1.0)
+    example = torch.rand(1, 3, 224, 224)
+
+    with torch.inference_mode():
+        features = model.features(example)
+        ranking = model.flow.abnormality(features)
+        masks = model.test_masks(ranking)
+        n_masks = masks.shape[1]
+        grid = model.feature_size
+        stacked = features.expand(2 * n_masks, -1, -1, -1).contiguous()
+        stacked_masks = masks[0].repeat(2, 1, 1)
+        cost = torch.rand(1, grid, grid, n_masks, n_masks)
+
+        def total() -> object:
+            return model(example)
+
+        parts = {
+            f"{2 * n_masks} parallel reconstructions": lambda: model.reconstruct(stacked, stacked_masks),
+            f"coreset search ({args.bank_rows} rows)": lambda: model.reference(features),
+            f"Sinkhorn ({model.sinkhorn_iterations} iterations)": lambda: sinkhorn(cost, model.sinkhorn_epsilon, model.sinkhorn_iterations),
+            "backbone": lambda: model.features(example),
+            "flow ranking": lambda: model.flow.abnormality(features),
+        }
+        eager = median_ms(total, args.runs, args.warmup)
+        timed = {name: median_ms(fn, args.runs, args.warmup) for name, fn in parts.items()}
+
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"\nbatch 1, 224 x 224, torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.runs}; load average {load} (timings on a busy machine are inflated)")
+    print("\n| runtime | latency (ms) |")
+    print("| :-- | --: |")
+    print(f"| torch eager (whole test-time scheme) | {eager:.0f} |")
+    if not args.skip_openvino:
+        run = openvino_runner(model, example)
+        print(f"| OpenVINO FP32 (whole test-time scheme) | {median_ms(run, args.runs, args.warmup):.0f} |")
+    print("\n| part (torch eager, timed alone) | ms | share of the whole |")
+    print("| :-- | --: | --: |")
+    for name, value in timed.items():
+        print(f"| {name} | {value:.0f} | {100 * value / eager:.0f} % |")
+    rest = eager - sum(timed.values())
+    print(f"| rest (masks, RMSE, cost, upsampling; by difference) | {rest:.0f} | {100 * rest / eager:.0f} % |")
+
+
+if __name__ == "__main__":
+    main()
