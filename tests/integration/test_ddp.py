@@ -81,15 +81,9 @@ SCORE_TOL: dict[str, float] = {
 #: recorder): the positions depend on the masks, so only the number of recordings must agree
 #: (every rank records the whole global batch).
 MASK_DEPENDENT: dict[str, tuple[str, ...]] = {"pmad": ("errors.errors", "errors.counts")}
-#: Models whose DDP case may fail, with the reason (not strict: they pass once the change is in; then delete).
-XFAIL: dict[str, str] = {
-    "mask_ad": "until MaskAd._training_batches reads the whole training set on every rank (components.distributed."
-    "full_training_loader) instead of datamodule.train_dataloader(), the rank's shard under DDP (ranks then build "
-    "coresets of different sizes, and Lightning's broadcast of rank 0's buffers at the start of test aborts)",
-    "pmad": "until Pmad builds its prototype pool from the whole training set on every rank (not trainer.train_dataloader,"
-    " the rank's shard: pools of different sizes per rank, and DDP's broadcast of rank 0's buffers aborts) and gathers"
-    " its patch-error recorder and likelihood reference across ranks",
-}
+#: Models whose DDP case may fail, with the reason (not strict: once the cause is fixed they pass; then delete).
+#: Each gets its own launch, so that a model aborting its launch cannot take the others down.
+XFAIL: dict[str, str] = {}
 
 
 def launch(root: Path, out: Path, models: list[str]) -> None:
