@@ -95,6 +95,15 @@ def paper_module(name: str, bank_rows: int, prototypes: int) -> Any:  # noqa: AN
 
     torch.manual_seed(0)
     module = model_class(name)(**PAPER_KWARGS[name], evaluator=False, visualizer=False).eval()
+    # normalisation statistics as after a fit: anomalib's unfitted post-processor holds NaN, which OpenVINO's INT8
+    # low-precision transformations fold into the final Clamp (compile fails: "m_min <= m_max" in ClampTransformation)
+    post = module.post_processor
+    for buffer in ("image_min", "pixel_min"):
+        getattr(post, buffer).fill_(0.0)
+    for buffer in ("image_max", "pixel_max"):
+        getattr(post, buffer).fill_(1.0)
+    for buffer in ("_image_threshold", "_pixel_threshold"):
+        getattr(post, buffer).fill_(0.5)
     net = module.model
     if name == "mask_ad":
         channels = net.backbone.out_channels
