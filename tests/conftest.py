@@ -1,4 +1,4 @@
-"""Shared fixtures: a small offline synthetic dataset and a tiny Dinomaly configuration."""
+"""Shared fixtures: a small offline synthetic dataset, a tiny Dinomaly configuration, every model's tiny config."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
 
 #: Categories of the small dataset: two textures and one object.
 SMALL_CATEGORIES = ("brick", "grass", "washer")
@@ -39,3 +42,22 @@ def tiny_dinomaly_kwargs() -> dict[str, Any]:
         "warmup_iters": 2,
         "hard_mining_warmup_iters": 4,
     }
+
+
+def tiny_config_kwargs(name: str) -> dict[str, Any]:
+    """Constructor arguments of model ``name`` from ``configs/<name>/tiny_cpu.yaml``, every ``*pretrained`` off.
+
+    Random weights: nothing is read or downloaded (``pretrained``, ``proto_pretrained``, ...).
+    """
+    config = yaml.safe_load((REPO / "configs" / name / "tiny_cpu.yaml").read_text())
+    kwargs: dict[str, Any] = dict(config["model"].get("init_args", {}))
+    for key in list(kwargs):
+        if key.endswith("pretrained"):
+            kwargs[key] = False
+    return kwargs
+
+
+@pytest.fixture(scope="session")
+def tiny_kwargs() -> Any:  # noqa: ANN401
+    """:func:`tiny_config_kwargs`, as a fixture (test modules do not import conftest)."""
+    return tiny_config_kwargs
