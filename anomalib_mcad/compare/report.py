@@ -252,6 +252,7 @@ def plot_heatmap(per_category: pd.DataFrame, path: Path) -> Path:
         figsize=(label_width + max(4.0, 0.9 * len(columns)) + 1.0, 0.6 + len(HEATMAP_METRICS) * (0.8 + 0.4 * len(models))),
         squeeze=False,
     )  # fmt: skip
+    fig.subplots_adjust(hspace=0.45)  # room for each panel's title under the one above
     cmap = plt.get_cmap("RdYlGn")
     image = None
     for k, (ax, column) in enumerate(zip(axes[:, 0], HEATMAP_METRICS, strict=True)):
