@@ -222,7 +222,7 @@ class McadModule(AnomalibModule):
         every model; an explicit ``find_unused_parameters`` of the user's is kept.
         """
         super().setup(stage)
-        strategy = self.trainer.strategy if self._trainer is not None else None
+        strategy = getattr(self.trainer, "strategy", None) if self._trainer is not None else None
         # DDPStrategy keeps the keyword arguments it gives DistributedDataParallel here (Lightning 2.x)
         ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
         if stage == "fit" and not self.automatic_optimization and isinstance(ddp_kwargs, dict):
