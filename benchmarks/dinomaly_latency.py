@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from anomalib_mcad.compare.profiling import ScoreAndMap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import builtin_dinomaly as bd  # noqa: E402
@@ -50,19 +51,6 @@ OPENVINO_TARGET = 1.0
 PARITY_TOL = 1e-4
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ScoreAndMap(nn.Module):
-    """Thin wrapper returning ``(pred_score, anomaly_map)`` tensors, for export."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score (B,) and map (B, 1, H, W) of an eval-mode Dinomaly."""
-        out = self.model(images)
-        return out.pred_score, out.anomaly_map
 
 
 @dataclass

@@ -25,24 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from anomalib_mcad.compare.profiling import ScoreAndMap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import builtin_inp_former as bi  # noqa: E402
 
 TORCH_TARGET = 0.9
 OPENVINO_TARGET = 1.0
-
-
-class ScoreAndMap(nn.Module):
-    """Return ``(pred_score, anomaly_map)`` tensors, for export."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(x)
-        return out.pred_score, out.anomaly_map
 
 
 def to_openvino(model: nn.Module, x: torch.Tensor, workdir: Path, name: str) -> Callable[[np.ndarray], list[np.ndarray]]:

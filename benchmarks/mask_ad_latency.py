@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -31,33 +29,9 @@ from torch import nn
 
 from anomalib_mcad.models.components.sinkhorn import sinkhorn
 from anomalib_mcad.models.image.mask_ad import MaskAdModel
+from anomalib_mcad.compare.profiling import ScoreAndMap, latency_ms
 
 PARITY_TOL = 1e-3
-
-
-class ScoreAndMap(nn.Module):
-    """``(pred_score, anomaly_map)`` of the eval-mode model, for conversion."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score (B,) and map (B, 1, H, W)."""
-        out = self.model(images)
-        return out.pred_score, out.anomaly_map
-
-
-def median_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
-    """Median wall time of ``fn`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def openvino_runner(model: nn.Module, example: torch.Tensor) -> Callable[[], object]:
@@ -118,8 +92,8 @@ def main() -> None:
             "backbone": lambda: model.features(example),
             "flow ranking": lambda: model.flow.abnormality(features),
         }
-        eager = median_ms(total, args.runs, args.warmup)
-        timed = {name: median_ms(fn, args.runs, args.warmup) for name, fn in parts.items()}
+        eager = latency_ms(total, args.warmup, args.runs)[0]
+        timed = {name: latency_ms(fn, args.warmup, args.runs)[0] for name, fn in parts.items()}
 
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"\nbatch 1, 224 x 224, torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.runs}; load average {load} (timings on a busy machine are inflated)")
@@ -128,7 +102,7 @@ def main() -> None:
     print(f"| torch eager (whole test-time scheme) | {eager:.0f} |")
     if not args.skip_openvino:
         run = openvino_runner(model, example)
-        print(f"| OpenVINO FP32 (whole test-time scheme) | {median_ms(run, args.runs, args.warmup):.0f} |")
+        print(f"| OpenVINO FP32 (whole test-time scheme) | {latency_ms(run, args.warmup, args.runs)[0]:.0f} |")
     print("\n| part (torch eager, timed alone) | ms | share of the whole |")
     print("| :-- | --: | --: |")
     for name, value in timed.items():

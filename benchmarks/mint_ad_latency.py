@@ -25,21 +25,9 @@ from torch import nn
 
 from anomalib_mcad.models.image.dinomaly.torch_model import DinomalyModel
 from anomalib_mcad.models.image.mint_ad.torch_model import MintAdModel
+from anomalib_mcad.compare.profiling import ScoreAndMap
 
 PARITY_TOL = 1e-3
-
-
-class ScoreAndMap(nn.Module):
-    """Return ``(pred_score, anomaly_map)`` tensors of an eval-mode model, for conversion."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score (B,) and map (B, 1, H, W)."""
-        out = self.model(images)
-        return out.pred_score, out.anomaly_map
 
 
 def openvino_runner(model: nn.Module, example: torch.Tensor) -> Callable[[], object]:

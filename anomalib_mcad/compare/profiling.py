@@ -81,6 +81,19 @@ def count_flops(model: nn.Module, image: torch.Tensor) -> int:
         model.train(was_training)
 
 
+class ScoreAndMap(nn.Module):
+    """``(pred_score, anomaly_map)`` of an eval-mode anomalib network: a plain tuple output for conversion."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score (B,) and map (B, 1, H, W)."""
+        out = self.model(images)
+        return out.pred_score, out.anomaly_map
+
+
 def latency_ms(run: Callable[[], Any], warmup: int, runs: int, synchronize: Callable[[], None] | None = None) -> tuple[float, float]:
     """``(median, minimum)`` wall time of ``run()`` in milliseconds after ``warmup`` untimed calls.
 
