@@ -12,10 +12,10 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRScheduler
-from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_mcad.models.components.base import McadModule
+from anomalib_mcad.models.components.distributed import full_training_loader
 from anomalib_mcad.models.components.foreground import ForegroundMaskGenerator
 from anomalib_mcad.models.components.masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from anomalib_mcad.models.components.weights import PretrainedArg
@@ -226,21 +226,10 @@ class MaskAd(McadModule):
 
         Not the trainer's (rank-sharded under DDP, shuffled) loader: every process reads every
         training image in the same order, so the coreset, the M_po calibration subset and the
-        feature statistics are the same with 1 or k processes and for any shuffle seed.
+        feature statistics are the same with 1 or k processes and for any shuffle seed
+        (``components.distributed.full_training_loader``).
         """
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is None:
-            return None
-        dataset = getattr(datamodule, "train_data", None)
-        if dataset is None:
-            return datamodule.train_dataloader() if hasattr(datamodule, "train_dataloader") else None
-        return DataLoader(
-            dataset,
-            batch_size=int(getattr(datamodule, "eval_batch_size", None) or getattr(datamodule, "train_batch_size", 32)),
-            shuffle=False,
-            num_workers=int(getattr(datamodule, "num_workers", 0)),
-            collate_fn=getattr(dataset, "collate_fn", None),
-        )
+        return full_training_loader(self.trainer) if self._trainer is not None else None
 
     @torch.no_grad()
     def collect_training_features(self, batches: Any, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN401
