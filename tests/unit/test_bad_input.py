@@ -133,3 +133,16 @@ def test_empty_category_and_unknown_category(damaged_root: Path) -> None:
         MultiClassDataModule(root=damaged_root, num_workers=0).setup()
     with pytest.raises(ValueError, match=r"Unknown or missing category \['cable'\]"):
         MultiClassDataModule(root=damaged_root, categories=["brick", "cable"])
+
+
+def test_int8_export_of_an_unfitted_post_processor_is_refused(tiny_kwargs: Any, synthetic_root: Path) -> None:  # noqa: ANN401
+    """NaN normalisation statistics would make the INT8 graph fail to compile in OpenVINO: say so before quantizing."""
+    module = get_model("mint_ad", **tiny_kwargs("mint_ad"), num_classes=3)
+    dm = MultiClassDataModule(root=synthetic_root, train_batch_size=4, num_workers=0)
+    with pytest.raises(ValueError, match=r"not fitted.*image_min"):
+        module._post_training_quantization_ov(model=None, datamodule=dm)  # noqa: SLF001
+    for name, buffer in module.post_processor.named_buffers():  # as after a fit: the check lets it through
+        buffer.fill_(0.5 if "threshold" in name else (0.0 if name.endswith("min") else 1.0))
+    with pytest.raises(Exception) as err:  # noqa: PT011  # reaches NNCF, which cannot quantize model=None
+        module._post_training_quantization_ov(model=None, datamodule=dm)  # noqa: SLF001
+    assert "not fitted" not in str(err.value)

@@ -69,6 +69,17 @@ def _plain(value: Any) -> Any:  # noqa: ANN401
     return value
 
 
+def _non_finite_buffers(module: Any) -> list[str]:  # noqa: ANN401
+    """Names of a module's floating buffers holding NaN or Inf (anomalib's unfitted statistics are NaN)."""
+    if not isinstance(module, torch.nn.Module):
+        return []
+    return [
+        name
+        for name, buffer in module.named_buffers()
+        if buffer.is_floating_point() and not bool(torch.isfinite(buffer).all())
+    ]
+
+
 class McadModule(AnomalibModule):
     """An :class:`~anomalib.models.components.AnomalibModule` with the plugin's shared behaviour.
 
@@ -196,6 +207,16 @@ class McadModule(AnomalibModule):
 
         if datamodule is None:
             msg = "INT8 post-training quantization needs a datamodule: its training images calibrate the model"
+            raise ValueError(msg)
+        unfitted = _non_finite_buffers(self.post_processor)
+        if unfitted:
+            # A NaN statistic becomes a NaN constant of the graph; OpenVINO's low-precision
+            # transformation folds it into the final Clamp and the INT8 model fails to compile.
+            msg = (
+                "INT8 post-training quantization: the post-processor's statistics are not fitted "
+                f"(non-finite: {', '.join(unfitted)}). Fit the model first (Engine.fit or Engine.validate "
+                "fills them), or build the model with post_processor=False to export raw scores."
+            )
             raise ValueError(msg)
         datamodule.setup("fit")
         loader = datamodule.train_dataloader()
