@@ -12,30 +12,14 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRScheduler
-from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize
 
 from anomalib_mcad.models.components.base import McadModule
+from anomalib_mcad.models.components.pre_processing import resize_crop_normalize
 from anomalib_mcad.models.components.optim import stable_adamw_warmup_cosine
 from anomalib_mcad.models.components.vit import PosEmbedInterpolation
 from anomalib_mcad.models.components.weights import PretrainedArg
 from anomalib_mcad.models.image.dinomaly.loss import GlobalCosineHardMiningLoss
 from anomalib_mcad.models.image.dinomaly.torch_model import DEFAULT_GROUPS, DinomalyModel
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def resize_crop_normalize(image_size: int, crop_size: int | None) -> PreProcessor:
-    """Resize to ``image_size`` square, center-crop to ``crop_size``, ImageNet-normalise."""
-    if crop_size is not None and crop_size > image_size:
-        msg = f"crop_size ({crop_size}) cannot exceed image_size ({image_size})"
-        raise ValueError(msg)
-    steps: list[Any] = [Resize((image_size, image_size), antialias=True)]
-    if crop_size is not None and crop_size != image_size:
-        steps.append(CenterCrop(crop_size))
-    steps.append(Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD))
-    return PreProcessor(transform=Compose(steps))
-
 
 class Dinomaly(McadModule):
     """Dinomaly (Guo et al., CVPR 2025), faithful to the authors' multi-class recipe.

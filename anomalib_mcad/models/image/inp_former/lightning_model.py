@@ -12,9 +12,9 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRScheduler
-from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize
 
 from anomalib_mcad.models.components.base import McadModule
+from anomalib_mcad.models.components.pre_processing import resize_crop_normalize
 from anomalib_mcad.models.components.optim import stable_adamw_warmup_cosine
 from anomalib_mcad.models.components.vit import PosEmbedInterpolation
 from anomalib_mcad.models.components.weights import PretrainedArg
@@ -22,8 +22,6 @@ from anomalib_mcad.models.image.inp_former.augmentation import FewShotAugmentati
 from anomalib_mcad.models.image.inp_former.loss import InpFormerLoss
 from anomalib_mcad.models.image.inp_former.torch_model import DEFAULT_GROUPS, InpFormerModel
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class InpFormer(McadModule):
@@ -120,12 +118,7 @@ class InpFormer(McadModule):
     def configure_pre_processor(self, image_size: tuple[int, int] | None = None) -> PreProcessor:  # type: ignore[override]
         """Resize to ``image_size`` (448) square, center-crop to ``crop_size`` (392), ImageNet stats."""
         size = image_size[0] if image_size is not None else getattr(self, "image_size", 448)
-        crop = getattr(self, "crop_size", 392)
-        steps: list[Any] = [Resize((size, size), antialias=True)]
-        if crop is not None and crop != size:
-            steps.append(CenterCrop(crop))
-        steps.append(Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD))
-        return PreProcessor(transform=Compose(steps))
+        return resize_crop_normalize(size, getattr(self, "crop_size", 392))
 
     @property
     def trainable_modules(self) -> torch.nn.ModuleList:

@@ -12,9 +12,9 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRScheduler
-from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_mcad.models.components.base import McadModule
+from anomalib_mcad.models.components.pre_processing import resize_crop_normalize
 from anomalib_mcad.models.components.distributed import full_training_loader
 from anomalib_mcad.models.components.foreground import ForegroundMaskGenerator
 from anomalib_mcad.models.components.masking import BlockwiseMaskGenerator, RandomMaskGenerator
@@ -22,8 +22,6 @@ from anomalib_mcad.models.components.weights import PretrainedArg
 from anomalib_mcad.models.image.mask_ad.loss import MaskAdLoss
 from anomalib_mcad.models.image.mask_ad.torch_model import MaskAdModel
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 TrainStrategy = Literal["random", "block", "foreground"]
 TRAIN_STRATEGIES: tuple[str, ...] = ("random", "block", "foreground")
 
@@ -172,7 +170,7 @@ class MaskAd(McadModule):
     def configure_pre_processor(self, image_size: tuple[int, int] | None = None) -> PreProcessor:  # type: ignore[override]
         """Resize to ``image_size`` (224) square and normalise with ImageNet statistics."""
         size = image_size or (getattr(self, "image_size", 224),) * 2
-        return PreProcessor(transform=Compose([Resize(tuple(size), antialias=True), Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]))
+        return resize_crop_normalize(size)
 
     @property
     def trainable_modules(self) -> list[torch.nn.Parameter]:

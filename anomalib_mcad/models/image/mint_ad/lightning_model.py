@@ -12,15 +12,13 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRScheduler
-from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_mcad.models.components.base import McadModule
+from anomalib_mcad.models.components.pre_processing import resize_crop_normalize
 from anomalib_mcad.models.components.weights import PretrainedArg
 from anomalib_mcad.models.image.mint_ad.loss import MintAdLoss
 from anomalib_mcad.models.image.mint_ad.torch_model import PROMPT_TYPES, MintAdModel, PromptType
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 NO_CATEGORIES_HINT = (
     "Train with anomalib_mcad.data.MultiClassDataModule (it also reads a single category), "
     "or use prompt_type='image', which needs no labels."
@@ -168,7 +166,7 @@ class MintAd(McadModule):
     def configure_pre_processor(self, image_size: tuple[int, int] | None = None) -> PreProcessor:  # type: ignore[override]
         """Resize to ``image_size`` (224) square and normalise with ImageNet statistics (UniAD)."""
         size = image_size or (getattr(self, "image_size", 224),) * 2
-        return PreProcessor(transform=Compose([Resize(tuple(size), antialias=True), Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]))
+        return resize_crop_normalize(size)
 
     @property
     def scoring_network(self) -> MintAdModel:

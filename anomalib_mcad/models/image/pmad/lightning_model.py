@@ -30,9 +30,9 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.nn import functional as F  # noqa: N812
-from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_mcad.models.components.base import McadModule
+from anomalib_mcad.models.components.pre_processing import resize_crop_normalize
 from anomalib_mcad.models.components.distributed import full_training_loader, gather_rows, reduce_min
 from anomalib_mcad.models.components.foreground import foreground_mask
 from anomalib_mcad.models.components.masking import CombinationalMaskGenerator, PatchErrorRecorder, rank_loss_weights
@@ -41,8 +41,6 @@ from anomalib_mcad.models.components.validation import check_images
 from anomalib_mcad.models.components.weights import PretrainedArg
 from anomalib_mcad.models.image.pmad.torch_model import MVTEC_MASK_RATIOS, PmadModel, TokenizerType
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Pmad(McadModule):
@@ -170,7 +168,7 @@ class Pmad(McadModule):
     def configure_pre_processor(self, image_size: tuple[int, int] | None = None) -> PreProcessor:  # type: ignore[override]
         """Resize to ``image_size`` (224) square and normalise with ImageNet statistics (the authors' transform)."""
         size = image_size or (getattr(self, "image_size", 224),) * 2
-        return PreProcessor(transform=Compose([Resize(tuple(size), antialias=True), Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]))
+        return resize_crop_normalize(size)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

@@ -24,10 +24,9 @@ from timm.models.beit import Beit
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from anomalib_mcad.models.components.pre_processing import IMAGENET_MEAN, IMAGENET_STD
 from anomalib_mcad.models.components.weights import load_weights_file
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class _FrozenTokenizer(nn.Module):
