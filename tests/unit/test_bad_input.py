@@ -146,3 +146,9 @@ def test_int8_export_of_an_unfitted_post_processor_is_refused(tiny_kwargs: Any, 
     with pytest.raises(Exception) as err:  # noqa: PT011  # reaches NNCF, which cannot quantize model=None
         module._post_training_quantization_ov(model=None, datamodule=dm)  # noqa: SLF001
     assert "not fitted" not in str(err.value)
+    # statistics a disabled switch leaves out of the graph do not count
+    module.post_processor.image_min.fill_(float("nan"))
+    module.post_processor.enable_normalization = False
+    with pytest.raises(Exception) as err:  # noqa: PT011
+        module._post_training_quantization_ov(model=None, datamodule=dm)  # noqa: SLF001
+    assert "not fitted" not in str(err.value)

@@ -69,14 +69,31 @@ def _plain(value: Any) -> Any:  # noqa: ANN401
     return value
 
 
-def _non_finite_buffers(module: Any) -> list[str]:  # noqa: ANN401
-    """Names of a module's floating buffers holding NaN or Inf (anomalib's unfitted statistics are NaN)."""
-    if not isinstance(module, torch.nn.Module):
+#: anomalib's ``PostProcessor`` statistics (NaN until fitted) and the switches under which its graph uses them.
+_NORMALISATION_STATISTICS = ("image_min", "image_max", "pixel_min", "pixel_max", "_image_threshold", "_pixel_threshold")
+_THRESHOLDS = ("_image_threshold", "_pixel_threshold")
+
+
+def _unfitted_statistics(post_processor: Any) -> list[str]:  # noqa: ANN401
+    """Names of the post-processor's floating buffers that its exported graph uses and that hold NaN or Inf.
+
+    anomalib's statistics start as NaN and are filled by validation; those a disabled switch
+    (``enable_normalization``, ``enable_thresholding``) leaves out of the graph are not counted.
+    Buffers of other post-processors are all counted.
+    """
+    if not isinstance(post_processor, torch.nn.Module):
         return []
+    used: set[str] = set()
+    if getattr(post_processor, "enable_normalization", True):
+        used.update(_NORMALISATION_STATISTICS)
+    if getattr(post_processor, "enable_thresholding", True):
+        used.update(_THRESHOLDS)
     return [
         name
-        for name, buffer in module.named_buffers()
-        if buffer.is_floating_point() and not bool(torch.isfinite(buffer).all())
+        for name, buffer in post_processor.named_buffers()
+        if (name in used or name not in _NORMALISATION_STATISTICS)
+        and buffer.is_floating_point()
+        and not bool(torch.isfinite(buffer).all())
     ]
 
 
@@ -208,7 +225,7 @@ class McadModule(AnomalibModule):
         if datamodule is None:
             msg = "INT8 post-training quantization needs a datamodule: its training images calibrate the model"
             raise ValueError(msg)
-        unfitted = _non_finite_buffers(self.post_processor)
+        unfitted = _unfitted_statistics(self.post_processor)
         if unfitted:
             # A NaN statistic becomes a NaN constant of the graph; OpenVINO's low-precision
             # transformation folds it into the final Clamp and the INT8 model fails to compile.
