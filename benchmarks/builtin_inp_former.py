@@ -9,15 +9,13 @@ position-embedding resize (see ``builtin_dinomaly.py``); our ``ViTFeatureTap`` i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
-from unittest import mock
 
 import torch
 from torch import nn
 
-from anomalib_mcad.compare.offline import DownloadBlockedError, block_downloads, random_backbone_weights
+# the offline guards are shared with the Dinomaly tools (same folder: on sys.path for scripts and tests)
+from builtin_dinomaly import DownloadAttemptedError, fast_random_init, no_pretrained_download  # noqa: F401  (re-exported for the tests)
 
 #: Constructor arguments that put our InpFormerModel in the built-in's conventions.
 BUILTIN_CONVENTIONS: dict[str, Any] = {
@@ -28,33 +26,6 @@ BUILTIN_CONVENTIONS: dict[str, Any] = {
     "output_map": "smoothed",
 }
 _ENCODER = "encoder.feature_extractor."
-
-
-#: Raised if anything tries to load pretrained weights while the built-in is built.
-DownloadAttemptedError = DownloadBlockedError
-
-
-@contextmanager
-def no_pretrained_download() -> Iterator[None]:
-    """Force ``pre_trained=False`` in the built-in's encoder and forbid every weight download.
-
-    The guards live in :mod:`anomalib_mcad.compare.offline` (the comparison command uses them too).
-    """
-    with random_backbone_weights(), block_downloads("the parity tools must stay offline"):
-        yield
-
-
-@contextmanager
-def fast_random_init() -> Iterator[None]:
-    """Use a clamped normal instead of timm's slow truncated normal while random models are built."""
-    import timm.models.vision_transformer as timm_vit  # noqa: PLC0415
-
-    def clamped_normal(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0, **_: Any) -> torch.Tensor:  # noqa: ANN401
-        with torch.no_grad():
-            return tensor.normal_(mean, std).clamp_(a, b)
-
-    with mock.patch.object(torch.nn.init, "trunc_normal_", clamped_normal), mock.patch.object(timm_vit, "trunc_normal_", clamped_normal):
-        yield
 
 
 def build_builtin(encoder_name: str, seed: int = 0) -> nn.Module:

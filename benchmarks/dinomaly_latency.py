@@ -33,15 +33,14 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from anomalib_mcad.compare.profiling import ScoreAndMap
+from anomalib_mcad.compare.profiling import ScoreAndMap, Timing, interleaved
+from anomalib_mcad.models.components.pre_processing import IMAGENET_MEAN, IMAGENET_STD
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import builtin_dinomaly as bd  # noqa: E402
@@ -49,26 +48,6 @@ import builtin_dinomaly as bd  # noqa: E402
 TORCH_TARGET = 0.9
 OPENVINO_TARGET = 1.0
 PARITY_TOL = 1e-4
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class Timing:
-    """Latencies of one model in milliseconds."""
-
-    samples: list[float]
-
-    @property
-    def median(self) -> float:
-        """Median latency."""
-        return statistics.median(self.samples)
-
-    @property
-    def iqr(self) -> float:
-        """Inter-quartile range."""
-        q1, _, q3 = statistics.quantiles(self.samples, n=4, method="inclusive")
-        return q3 - q1
 
 
 def paper_input(size: int, seed: int = 0) -> torch.Tensor:
@@ -82,21 +61,6 @@ def paper_input(size: int, seed: int = 0) -> torch.Tensor:
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
     return transform(image).contiguous()
-
-
-def interleaved(fns: dict[str, Callable[[], Any]], warmup: int, runs: int) -> dict[str, Timing]:
-    """Time each callable ``runs`` times after ``warmup`` untimed calls, alternating the order per round."""
-    names = list(fns)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(warmup + runs):
-        order = names if round_index % 2 == 0 else names[::-1]
-        for name in order:
-            start = time.perf_counter()
-            fns[name]()
-            elapsed = (time.perf_counter() - start) * 1e3
-            if round_index >= warmup:
-                samples[name].append(elapsed)
-    return {name: Timing(values) for name, values in samples.items()}
 
 
 def paired_ratio(ours: Timing, builtin: Timing) -> float:

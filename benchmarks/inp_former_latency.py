@@ -14,10 +14,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from anomalib_mcad.compare.profiling import ScoreAndMap
+from anomalib_mcad.compare.profiling import ScoreAndMap, interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import builtin_inp_former as bi  # noqa: E402
@@ -47,20 +45,6 @@ def to_openvino(model: nn.Module, x: torch.Tensor, workdir: Path, name: str) -> 
     return lambda a: [np.asarray(v) for v in compiled(a).values()]
 
 
-def time_pair(fns: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, list[float]]:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(runs):
-        for name in names if r % 2 == 0 else names[::-1]:
-            t = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t)
-    return times
-
-
 def main() -> None:
     warnings.filterwarnings("ignore")
     ap = argparse.ArgumentParser()
@@ -78,7 +62,7 @@ def main() -> None:
     print(f"encoder {args.encoder}, input 1x3x{args.size}x{args.size}, {args.threads} threads, {args.runs} runs")
     rows = []
     with torch.inference_mode():
-        t = time_pair({"ours": lambda: ours(x), "builtin": lambda: builtin(x)}, args.runs, args.warmup)
+        t = interleaved({"ours": lambda: ours(x), "builtin": lambda: builtin(x)}, args.warmup, args.runs)
     rows.append(("torch eager", t, TORCH_TARGET))
     report(rows[-1:])
     if not args.skip_openvino:
@@ -92,7 +76,7 @@ def main() -> None:
                     s, m = fn(a)
                     print(f"  OpenVINO FP32 vs torch ({name}): score {abs(float(s.ravel()[0]) - float(ref.pred_score)):.2e}, "
                           f"map {np.abs(m - ref.anomaly_map.numpy()).max():.2e} (max abs)")
-            t = time_pair({"ours": lambda: ov_ours(a), "builtin": lambda: ov_builtin(a)}, args.runs, args.warmup)
+            t = interleaved({"ours": lambda: ov_ours(a), "builtin": lambda: ov_builtin(a)}, args.warmup, args.runs)
         rows.append(("OpenVINO FP32", t, OPENVINO_TARGET))
     report(rows)
 
@@ -102,7 +86,7 @@ def report(rows: list) -> None:
     print("| backend | ours median ms | built-in median ms | ratio | target |")
     print("| :-- | --: | --: | --: | --: |")
     for name, t, target in rows:
-        mo, mb = statistics.median(t["ours"]) * 1e3, statistics.median(t["builtin"]) * 1e3
+        mo, mb = t["ours"].median, t["builtin"].median
         ratio = mo / mb
         print(f"| {name} | {mo:.1f} | {mb:.1f} | {ratio:.3f} | <= {target} {'ok' if ratio <= target else 'MISSED'} |")
 

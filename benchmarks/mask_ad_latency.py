@@ -21,37 +21,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
 
-import numpy as np
 import torch
-from torch import nn
 
 from anomalib_mcad.models.components.sinkhorn import sinkhorn
 from anomalib_mcad.models.image.mask_ad import MaskAdModel
-from anomalib_mcad.compare.profiling import ScoreAndMap, latency_ms
+from anomalib_mcad.compare.profiling import ScoreAndMap, latency_ms, openvino_checked
 
 PARITY_TOL = 1e-3
-
-
-def openvino_runner(model: nn.Module, example: torch.Tensor) -> Callable[[], object]:
-    """Convert to OpenVINO FP32, check against torch, return a timed call."""
-    import openvino as ov  # noqa: PLC0415
-
-    wrapper = ScoreAndMap(model).eval()
-    with torch.no_grad():
-        ov_model = ov.convert_model(torch.export.export(wrapper, (example,)))
-        ref_score, ref_map = wrapper(example)
-    compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    data = example.numpy()
-    out = compiled(data)
-    scale = max(float(ref_map.abs().max()), 1.0)
-    error = max(float(np.abs(np.asarray(out[0]) - ref_score.numpy()).max()), float(np.abs(np.asarray(out[1]) - ref_map.numpy()).max())) / scale
-    if error > PARITY_TOL:
-        msg = f"OpenVINO output differs from torch by {error:.2e} (relative to the map's max)"
-        raise RuntimeError(msg)
-    print(f"OpenVINO parity: max difference {error:.1e} of the map's max (tolerance {PARITY_TOL})")
-    return lambda: compiled(data)
 
 
 def main() -> None:
@@ -101,7 +78,8 @@ def main() -> None:
     print("| :-- | --: |")
     print(f"| torch eager (whole test-time scheme) | {eager:.0f} |")
     if not args.skip_openvino:
-        run = openvino_runner(model, example)
+        run, error = openvino_checked(ScoreAndMap(model), (example,), PARITY_TOL)
+        print(f"OpenVINO parity: max difference {error:.1e} relative (tolerance {PARITY_TOL})")
         print(f"| OpenVINO FP32 (whole test-time scheme) | {latency_ms(run, args.warmup, args.runs)[0]:.0f} |")
     print("\n| part (torch eager, timed alone) | ms | share of the whole |")
     print("| :-- | --: | --: |")

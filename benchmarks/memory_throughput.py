@@ -248,6 +248,16 @@ def fmt(value: Any, spec: str = ".0f") -> str:  # noqa: ANN401
     return "-" if value is None else format(value, spec)
 
 
+def print_table(title: str, columns: list[str], records: list[dict[str, Any]], cells: Any) -> None:  # noqa: ANN401
+    """A markdown table: one row per record, ``cells(record)`` for a result, the model and its error for a failure."""
+    print(f"\n{title}")
+    print("| " + " | ".join(columns) + " |")
+    print("| " + " | ".join(["---"] + ["---:"] * (len(columns) - 1)) + " |")
+    for record in records:
+        row = cells(record) if "error" not in record else [record["model"], f"failed: {record['error'][:160]}"] + [""] * (len(columns) - 2)
+        print("| " + " | ".join(row) + " |")
+
+
 def main() -> None:
     """Parse flags, run each measurement in its own process, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -319,25 +329,21 @@ def main() -> None:
 
     print(f"\nfinished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f} (started at {load[0]:.1f})")
     if results["speed"]:
-        print(f"\nPaper-size models, random weights; median of {args.runs} forwards after {args.warmup} warm-up; one process per row")
-        print("| model | runtime | batch | input | latency / batch (ms) | per image (ms) | min / batch (ms) | peak RSS (MiB) | model RSS (MiB) |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for r in results["speed"]:
-            if "error" in r:
-                print(f"| {r['model']} | {r['runtime']} | {r['batch']} | | failed: {r['error'][:120]} | | | | |")
-                continue
-            print(f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['image_size']} | {fmt(r['median_ms'])} | "
-                  f"{fmt(r['median_ms'] / r['batch'])} | {fmt(r['min_ms'])} | {fmt(r['peak_rss_mb'])} | {fmt(r['model_rss_mb'])} |")  # fmt: skip
+        print_table(
+            f"Paper-size models, random weights; median of {args.runs} forwards after {args.warmup} warm-up; one process per row",
+            ["model", "runtime", "batch", "input", "latency / batch (ms)", "per image (ms)", "min / batch (ms)", "peak RSS (MiB)", "model RSS (MiB)"],
+            results["speed"],
+            lambda r: [r["model"], r["runtime"], str(r["batch"]), str(r["image_size"]), fmt(r["median_ms"]), fmt(r["median_ms"] / r["batch"]),
+                       fmt(r["min_ms"]), fmt(r["peak_rss_mb"]), fmt(r["model_rss_mb"])],  # fmt: skip
+        )
     if results["auroc"]:
-        print(f"\nINT8 vs FP32 on the synthetic dataset (tiny configs, {args.auroc_epochs} epochs; raw scores, OpenVINO)")
-        print("| model | image AUROC FP32 | image AUROC INT8 | max relative score error | score correlation | weights FP32 / INT8 (MiB) |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
-        for r in results["auroc"]:
-            if "error" in r:
-                print(f"| {r['model']} | failed: {r['error'][:160]} | | | | |")
-                continue
-            print(f"| {r['model']} | {r['auroc_fp32']:.3f} | {r['auroc_int8']:.3f} | {100 * r['max_relative_score_error']:.1f} % | "
-                  f"{r['score_correlation']:.3f} | {r['bin_mb_fp32']:.1f} / {r['bin_mb_int8']:.1f} |")  # fmt: skip
+        print_table(
+            f"INT8 vs FP32 on the synthetic dataset (tiny configs, {args.auroc_epochs} epochs; raw scores, OpenVINO)",
+            ["model", "image AUROC FP32", "image AUROC INT8", "max relative score error", "score correlation", "weights FP32 / INT8 (MiB)"],
+            results["auroc"],
+            lambda r: [r["model"], f"{r['auroc_fp32']:.3f}", f"{r['auroc_int8']:.3f}", f"{100 * r['max_relative_score_error']:.1f} %",
+                       f"{r['score_correlation']:.3f}", f"{r['bin_mb_fp32']:.1f} / {r['bin_mb_int8']:.1f}"],  # fmt: skip
+        )
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

@@ -21,15 +21,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from anomalib_mcad.compare.profiling import interleaved, openvino_checked
 from anomalib_mcad.models.image.pmad.torch_model import PmadModel
 
 PARITY_TOL = 1e-3
@@ -80,33 +78,6 @@ class EndToEnd(nn.Module):
         return out.pred_score, out.anomaly_map
 
 
-def openvino_runner(module: nn.Module, example: tuple[torch.Tensor, ...]) -> Callable[[], object]:
-    """Convert to OpenVINO FP32 (through torch.export), check against torch, return a timed call."""
-    import openvino as ov  # noqa: PLC0415
-
-    with torch.no_grad():
-        ov_model = ov.convert_model(torch.export.export(module, example))
-        reference = module(*example)
-    compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    data = [x.numpy() for x in example]
-    out = compiled(data)
-    error = max(float(np.abs(np.asarray(out[i]) - ref.numpy()).max() / max(float(ref.abs().max()), 1.0)) for i, ref in enumerate(reference))
-    if error > PARITY_TOL:
-        msg = f"OpenVINO output of {type(module).__name__} differs from torch by {error:.2e} (relative)"
-        raise RuntimeError(msg)
-    return lambda: compiled(data)
-
-
-def torch_runner(module: nn.Module, example: tuple[torch.Tensor, ...]) -> Callable[[], object]:
-    """A timed eager call under ``inference_mode``."""
-
-    def run() -> object:
-        with torch.inference_mode():
-            return module(*example)
-
-    return run
-
-
 def main() -> None:
     """Build the paper-size model, check OpenVINO parity, time interleaved, print a table."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -133,26 +104,16 @@ def main() -> None:
     }
     runners: dict[str, Callable[[], object]] = {}
     for name, (module, example) in parts.items():
-        runners[f"{name}, torch"] = torch_runner(module, example)
+        runners[f"{name}, torch"] = lambda module=module, example=example: module(*example)
         if not args.skip_openvino:
-            runners[f"{name}, OpenVINO FP32"] = openvino_runner(module, example)
-    for run in runners.values():
-        for _ in range(args.warmup):
-            run()
-    samples: dict[str, list[float]] = {k: [] for k in runners}
-    order = list(runners)
-    for round_index in range(args.runs):
-        for key in order if round_index % 2 == 0 else reversed(order):
-            start = time.perf_counter()
-            runners[key]()
-            samples[key].append((time.perf_counter() - start) * 1e3)
+            runners[f"{name}, OpenVINO FP32"] = openvino_checked(module, example, PARITY_TOL)[0]
+    with torch.inference_mode():
+        timings = interleaved(runners, args.warmup, args.runs)
     print(f"PMAD batch-1 CPU latency at 224 px, {args.prototypes} prototypes, {args.runs} interleaved runs, torch threads {torch.get_num_threads()}")
     print("| part | median (ms) | IQR (ms) |")
     print("| --- | ---: | ---: |")
-    for key, values in samples.items():
-        q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-        print(f"| {key} | {statistics.median(values):.1f} | {q[2] - q[0]:.1f} |")
-
+    for key, timing in timings.items():
+        print(f"| {key} | {timing.median:.1f} | {timing.iqr:.1f} |")
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,8 @@
-"""Shared fixtures: a small offline synthetic dataset, a tiny Dinomaly configuration, every model's tiny config."""
+"""Shared fixtures: a small offline synthetic dataset, a tiny Dinomaly configuration, every model's tiny config, CPU engine and datamodule factories."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +62,25 @@ def tiny_config_kwargs(name: str) -> dict[str, Any]:
 def tiny_kwargs() -> Any:  # noqa: ANN401
     """:func:`tiny_config_kwargs`, as a fixture (test modules do not import conftest)."""
     return tiny_config_kwargs
+
+
+@pytest.fixture(scope="session")
+def cpu_engine() -> Callable[..., Any]:
+    """Factory of anomalib ``Engine``s for tests: one CPU device, no logger, files under ``root``."""
+    from anomalib.engine import Engine
+
+    def make(root: Path, **kwargs: Any) -> Engine:  # noqa: ANN401
+        return Engine(logger=False, default_root_dir=root, devices=1, accelerator="cpu", **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def multiclass_datamodule() -> Callable[..., Any]:
+    """Factory of the multi-class datamodule over a dataset root: batches of 8, no workers."""
+    from anomalib_mcad.data import MultiClassDataModule
+
+    def make(root: Path, **kwargs: Any) -> MultiClassDataModule:  # noqa: ANN401
+        return MultiClassDataModule(root=root, **{"train_batch_size": 8, "eval_batch_size": 8, "num_workers": 0, **kwargs})
+
+    return make

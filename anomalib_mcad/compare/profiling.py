@@ -21,6 +21,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -32,9 +33,12 @@ from torch import nn
 
 __all__ = [
     "PeakMemory",
+    "Timing",
     "count_flops",
     "count_parameters",
+    "interleaved",
     "latency_ms",
+    "openvino_checked",
     "openvino_latency_ms",
     "torch_latency_ms",
 ]
@@ -134,6 +138,74 @@ def openvino_latency_ms(xml_path: str | Path, image: np.ndarray, warmup: int = 3
     compiled = ov.Core().compile_model(str(xml_path), device, OPENVINO_FP32)
     request = compiled.create_infer_request()
     return latency_ms(lambda: request.infer([image]), warmup, runs)
+
+
+@dataclass
+class Timing:
+    """Wall times of one callable, in milliseconds."""
+
+    samples: list[float]
+
+    @property
+    def median(self) -> float:
+        """Median latency."""
+        return statistics.median(self.samples)
+
+    @property
+    def iqr(self) -> float:
+        """Inter-quartile range (0 for a single sample)."""
+        if len(self.samples) < 2:  # noqa: PLR2004
+            return 0.0
+        q1, _, q3 = statistics.quantiles(self.samples, n=4, method="inclusive")
+        return q3 - q1
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], warmup: int, runs: int) -> dict[str, Timing]:
+    """Time each callable ``runs`` times after ``warmup`` untimed rounds, one call of each per round.
+
+    The order alternates every round, so background load and cache effects hit every callable
+    alike; times of the same round can be paired for a ratio.
+    """
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(warmup + max(1, runs)):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            fns[name]()
+            elapsed = (time.perf_counter() - start) * 1e3
+            if round_index >= warmup:
+                samples[name].append(elapsed)
+    return {name: Timing(values) for name, values in samples.items()}
+
+
+def openvino_checked(module: nn.Module, example: tuple[torch.Tensor, ...], tolerance: float = 1e-3) -> tuple[Callable[[], Any], float]:
+    """Convert an eval module to OpenVINO FP32 through ``torch.export`` (anomalib's route) and check it.
+
+    Every output is compared with torch's on ``example``, relative to ``max(|torch output|, 1)``.
+    Returns a call of the compiled model on ``example`` (for timing) and the largest relative
+    difference.
+
+    Raises:
+        RuntimeError: if an output differs by more than ``tolerance``.
+    """
+    import openvino as ov  # noqa: PLC0415
+
+    module = module.eval()
+    with torch.no_grad():
+        converted = ov.convert_model(torch.export.export(module, example))
+        reference = module(*example)
+    reference = reference if isinstance(reference, tuple | list) else (reference,)
+    compiled = ov.Core().compile_model(converted, "CPU", OPENVINO_FP32)
+    data = [x.numpy() for x in example]
+    out = compiled(data)
+    error = max(
+        float(np.abs(np.asarray(out[i]) - ref.numpy()).max()) / max(float(ref.abs().max()), 1.0)
+        for i, ref in enumerate(reference)
+    )
+    if error > tolerance:
+        msg = f"OpenVINO output of {type(module).__name__} differs from torch by {error:.2e} (relative; tolerance {tolerance:g})"
+        raise RuntimeError(msg)
+    return (lambda: compiled(data)), error
 
 
 class PeakMemory:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from anomalib.data.utils import read_image
 from anomalib.deploy import CompressionType, ExportType, OpenVINOInferencer
 from anomalib.engine import Engine
 from lightning.pytorch import seed_everything

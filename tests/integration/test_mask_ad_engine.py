@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from anomalib.engine import Engine
 from lightning.pytorch import Callback, seed_everything
 
 from anomalib_mcad.data import MultiClassDataModule
@@ -37,40 +36,32 @@ TINY: dict[str, Any] = {
 }
 
 
-def datamodule(root: Path) -> MultiClassDataModule:
-    return MultiClassDataModule(root=root, train_batch_size=8, eval_batch_size=8, num_workers=0)
-
-
-def engine(root: Path, **kwargs: Any) -> Engine:  # noqa: ANN401
-    return Engine(logger=False, default_root_dir=root, devices=1, accelerator="cpu", **kwargs)
-
-
 @pytest.fixture(scope="module")
-def fitted(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def fitted(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory, cpu_engine: Any, multiclass_datamodule: Any) -> dict[str, Any]:
     """Fit a tiny MaskAD on the three synthetic categories; the checkpoint holds coreset, flow and M_po."""
     seed_everything(0)
     project = tmp_path_factory.mktemp("mask_ad_project")
     model = MaskAd(**TINY)
-    eng = engine(project, max_steps=4)
-    eng.fit(model=model, datamodule=datamodule(synthetic_root))
+    eng = cpu_engine(project, max_steps=4)
+    eng.fit(model=model, datamodule=multiclass_datamodule(synthetic_root))
     ckpt = eng.trainer.checkpoint_callback.best_model_path or eng.trainer.checkpoint_callback.last_model_path
     assert Path(ckpt).is_file()
     return {"project": project, "ckpt": ckpt, "root": synthetic_root, "model": model}
 
 
-def test_validate_test_and_predict_from_checkpoint(fitted: dict[str, Any]) -> None:
+def test_validate_test_and_predict_from_checkpoint(fitted: dict[str, Any], cpu_engine: Any, multiclass_datamodule: Any) -> None:
     root, project, ckpt = fitted["root"], fitted["project"], fitted["ckpt"]
-    validated = engine(project).validate(model=MaskAd(**TINY), datamodule=datamodule(root), ckpt_path=ckpt)
+    validated = cpu_engine(project).validate(model=MaskAd(**TINY), datamodule=multiclass_datamodule(root), ckpt_path=ckpt)
     assert validated and all(np.isfinite(v) for v in validated[0].values())
-    results = engine(project).test(model=MaskAd(**TINY), datamodule=datamodule(root), ckpt_path=ckpt)
+    results = cpu_engine(project).test(model=MaskAd(**TINY), datamodule=multiclass_datamodule(root), ckpt_path=ckpt)
     assert 0.0 <= results[0]["image_AUROC"] <= 1.0
-    predictions = engine(project).predict(model=MaskAd(**TINY), datamodule=datamodule(root), ckpt_path=ckpt)
+    predictions = cpu_engine(project).predict(model=MaskAd(**TINY), datamodule=multiclass_datamodule(root), ckpt_path=ckpt)
     batch = predictions[0]
     assert batch.pred_score.shape[0] == batch.image.shape[0]
     assert batch.anomaly_map.shape[-2:] == (64, 64)
 
 
-def test_restrict_to_category_searches_the_images_own_coreset(fitted: dict[str, Any]) -> None:
+def test_restrict_to_category_searches_the_images_own_coreset(fitted: dict[str, Any], cpu_engine: Any, multiclass_datamodule: Any) -> None:
     """With ``restrict_to_category`` every reference token comes from the image's own category."""
     loaded = MaskAd.load_from_checkpoint(fitted["ckpt"], map_location="cpu", restrict_to_category=True).eval()
     net = loaded.model
@@ -84,7 +75,7 @@ def test_restrict_to_category_searches_the_images_own_coreset(fitted: dict[str, 
         assert torch.isfinite(restricted).all()
         with pytest.raises(ValueError, match="no coreset"):
             net(torch.rand(1, 3, 64, 64), category_index=torch.tensor([7]))
-    results = engine(fitted["project"]).test(model=MaskAd(**TINY, restrict_to_category=True), datamodule=datamodule(fitted["root"]), ckpt_path=fitted["ckpt"])
+    results = cpu_engine(fitted["project"]).test(model=MaskAd(**TINY, restrict_to_category=True), datamodule=multiclass_datamodule(fitted["root"]), ckpt_path=fitted["ckpt"])
     assert 0.0 <= results[0]["image_AUROC"] <= 1.0
 
 
@@ -107,7 +98,7 @@ def test_checkpoint_restores_coreset_flow_and_po(fitted: dict[str, Any]) -> None
         torch.testing.assert_close(loaded.model(x).pred_score, trained.eval()(x).pred_score)
 
 
-def test_learning_on_real_features(tmp_path: Path) -> None:
+def test_learning_on_real_features(tmp_path: Path, cpu_engine: Any) -> None:
     """Real ImageNet lite0 features, 4 synthetic categories, 150 CPU steps.
 
     Checks: the reconstruction loss falls by half; the same image scored twice gives the same
@@ -134,7 +125,7 @@ def test_learning_on_real_features(tmp_path: Path) -> None:
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:  # noqa: ANN401, ARG002
             losses.append(float(outputs["reconstruction"]))
 
-    eng = engine(tmp_path, max_steps=150, check_val_every_n_epoch=1000, callbacks=[Recorder()])
+    eng = cpu_engine(tmp_path, max_steps=150, check_val_every_n_epoch=1000, callbacks=[Recorder()])
     eng.fit(model=model, datamodule=dm)
     model.fit_memory()
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), (losses[:10], losses[-10:])

@@ -17,7 +17,6 @@ import pytest
 import torch
 from anomalib.data import MVTecAD
 from anomalib.deploy import ExportType
-from anomalib.engine import Engine
 from lightning.pytorch import Callback, seed_everything
 
 from anomalib_mcad.data import MultiClassDataModule
@@ -38,51 +37,43 @@ TINY: dict[str, Any] = {
 }
 
 
-def datamodule(root: Path) -> MultiClassDataModule:
-    return MultiClassDataModule(root=root, train_batch_size=8, eval_batch_size=8, num_workers=0)
-
-
-def engine(root: Path, **kwargs: Any) -> Engine:  # noqa: ANN401
-    return Engine(logger=False, default_root_dir=root, devices=1, accelerator="cpu", **kwargs)
-
-
 @pytest.fixture(scope="module")
-def fitted(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def fitted(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory, cpu_engine: Any, multiclass_datamodule: Any) -> dict[str, Any]:
     """Fit a tiny MINT-AD on the three synthetic categories; num_classes comes from the datamodule."""
     seed_everything(0)
     project = tmp_path_factory.mktemp("mint_project")
     model = MintAd(**TINY)
-    eng = engine(project, max_steps=4)
-    eng.fit(model=model, datamodule=datamodule(synthetic_root))
+    eng = cpu_engine(project, max_steps=4)
+    eng.fit(model=model, datamodule=multiclass_datamodule(synthetic_root))
     ckpt = eng.trainer.checkpoint_callback.best_model_path or eng.trainer.checkpoint_callback.last_model_path
     assert Path(ckpt).is_file()
     assert model.hparams.num_classes == 3
     return {"project": project, "ckpt": ckpt, "root": synthetic_root}
 
 
-def test_test_train_validate_predict_from_checkpoint(fitted: dict[str, Any]) -> None:
+def test_test_train_validate_predict_from_checkpoint(fitted: dict[str, Any], cpu_engine: Any, multiclass_datamodule: Any) -> None:
     root, project, ckpt = fitted["root"], fitted["project"], fitted["ckpt"]
-    results = engine(project).test(model=MintAd(**TINY), datamodule=datamodule(root), ckpt_path=ckpt)
+    results = cpu_engine(project).test(model=MintAd(**TINY), datamodule=multiclass_datamodule(root), ckpt_path=ckpt)
     assert 0.0 <= results[0]["image_AUROC"] <= 1.0
-    engine(project, max_steps=6).train(model=MintAd(**TINY), datamodule=datamodule(root), ckpt_path=ckpt)
-    engine(project).validate(model=MintAd(**TINY), datamodule=datamodule(root), ckpt_path=ckpt)
-    predictions = engine(project).predict(model=MintAd(**TINY), datamodule=datamodule(root), ckpt_path=ckpt)
+    cpu_engine(project, max_steps=6).train(model=MintAd(**TINY), datamodule=multiclass_datamodule(root), ckpt_path=ckpt)
+    cpu_engine(project).validate(model=MintAd(**TINY), datamodule=multiclass_datamodule(root), ckpt_path=ckpt)
+    predictions = cpu_engine(project).predict(model=MintAd(**TINY), datamodule=multiclass_datamodule(root), ckpt_path=ckpt)
     batch = predictions[0]
     assert batch.pred_score.shape[0] == batch.image.shape[0]
     assert batch.anomaly_map.shape[-2:] == (64, 64)
 
 
-def test_single_category_datamodule_without_labels_is_a_clear_error(synthetic_root: Path, tmp_path: Path) -> None:
+def test_single_category_datamodule_without_labels_is_a_clear_error(synthetic_root: Path, tmp_path: Path, cpu_engine: Any) -> None:
     dm = MVTecAD(root=synthetic_root, category="brick", train_batch_size=4, eval_batch_size=4, num_workers=0)
     with pytest.raises(ValueError, match="no categories.*MultiClassDataModule"):
-        engine(tmp_path, max_steps=1).fit(model=MintAd(**TINY), datamodule=dm)
+        cpu_engine(tmp_path, max_steps=1).fit(model=MintAd(**TINY), datamodule=dm)
     # the image prompt needs no labels: anomalib's own datamodule works
-    engine(tmp_path, max_steps=1).fit(model=MintAd(**TINY, prompt_type="image"), datamodule=dm)
+    cpu_engine(tmp_path, max_steps=1).fit(model=MintAd(**TINY, prompt_type="image"), datamodule=dm)
 
 
-def test_export_torch(fitted: dict[str, Any], tmp_path: Path) -> None:
+def test_export_torch(fitted: dict[str, Any], tmp_path: Path, cpu_engine: Any) -> None:
     """Torch export; ONNX and OpenVINO exports are checked in test_export_parity.py."""
-    path = engine(fitted["project"]).export(model=MintAd(**TINY), ckpt_path=fitted["ckpt"], export_type=ExportType.TORCH, export_root=tmp_path)
+    path = cpu_engine(fitted["project"]).export(model=MintAd(**TINY), ckpt_path=fitted["ckpt"], export_type=ExportType.TORCH, export_root=tmp_path)
     assert Path(path).is_file()
 
 
@@ -97,7 +88,7 @@ def test_checkpoint_reloads_with_identical_scores(fitted: dict[str, Any]) -> Non
     assert loaded.hparams.num_classes == 3
 
 
-def test_learning_on_real_features(tmp_path: Path) -> None:
+def test_learning_on_real_features(tmp_path: Path, cpu_engine: Any) -> None:
     """Short CPU training with real ImageNet features (EfficientNet-Lite0 from its PyPI package).
 
     Four synthetic categories (two textures, two objects), 200 steps: the total loss falls, the
@@ -108,7 +99,6 @@ def test_learning_on_real_features(tmp_path: Path) -> None:
     scale: nearest-neighbour search on the same frozen features reaches 0.69 on this data, and
     500 steps give MINT-AD 0.65 (README, "Learning check").
     """
-    from anomalib.metrics import AUROC  # noqa: F401  (imported to fail early if metrics are unavailable)
     from sklearn.metrics import roc_auc_score
 
     from anomalib_mcad.data.synthetic import generate_synthetic_dataset
@@ -124,7 +114,7 @@ def test_learning_on_real_features(tmp_path: Path) -> None:
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:  # noqa: ANN401, ARG002
             losses.append(float(outputs["loss"]))
 
-    eng = engine(tmp_path, max_steps=200, check_val_every_n_epoch=1000, callbacks=[Recorder()])
+    eng = cpu_engine(tmp_path, max_steps=200, check_val_every_n_epoch=1000, callbacks=[Recorder()])
     eng.fit(model=model, datamodule=dm)
     assert len(losses) == 200
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), (losses[:10], losses[-10:])
