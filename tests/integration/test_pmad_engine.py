@@ -1,4 +1,4 @@
-"""PMAD through anomalib's Engine: fit/test/predict, checkpoint restore, OpenVINO parity, cross-class and few-shot.
+"""PMAD through anomalib's Engine: fit/test/predict, checkpoint restore, cross-class and few-shot (export parity: test_export_parity.py).
 
 A tiny network keeps it fast: ViT width 32, 2 blocks, 64 px on an 8 x 8 patch grid, the random
 ``small`` tokenizer (64 codes) and ProtoFlow on EfficientNet-Lite0 (random in the contract
@@ -12,12 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import openvino as ov
 import pandas as pd
 import pytest
 import torch
-from anomalib.data.utils import read_image
-from anomalib.deploy import ExportType, OpenVINOInferencer
 from anomalib.engine import Engine
 from lightning.pytorch import Callback, seed_everything
 from torch.utils.data import DataLoader
@@ -117,27 +114,6 @@ def test_test_and_predict_from_checkpoint(fitted: dict[str, Any]) -> None:
     batch = predictions[0]
     assert batch.pred_score.shape[0] == batch.image.shape[0]
     assert batch.anomaly_map.shape[-2:] == (64, 64)
-
-
-def test_openvino_export_matches_torch(fitted: dict[str, Any], tmp_path: Path) -> None:
-    """The whole test-time path (flow, prototype search, top-k proposals, token prediction) in one graph."""
-    xml = Engine(default_root_dir=fitted["project"], **QUIET).export(
-        model=Pmad(**TINY), ckpt_path=fitted["ckpt"], export_type=ExportType.OPENVINO, export_root=tmp_path,
-    )
-    assert len(ov.Core().read_model(str(xml)).inputs) == 1  # only the image
-    model = Pmad.load_from_checkpoint(fitted["ckpt"], map_location="cpu").eval()
-    inferencer = OpenVINOInferencer(path=xml, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
-    worst_score = worst_map = 0.0
-    for path in sorted(Path(fitted["root"]).rglob("test/*/*.png"))[::3]:
-        tensor = read_image(path, as_tensor=True).unsqueeze(0)
-        with torch.no_grad():
-            ref = model(tensor)
-        out = inferencer.predict(path)
-        worst_score = max(worst_score, abs(float(out.pred_score.item()) - float(ref.pred_score.item())))
-        worst_map = max(worst_map, float(np.abs(out.anomaly_map.squeeze() - ref.anomaly_map.squeeze().numpy()).max()))
-    # Stated tolerance: 1e-4 on post-processed scores and maps (FP32); measured ~2e-6.
-    assert worst_score < 1e-4, worst_score
-    assert worst_map < 1e-4, worst_map
 
 
 def test_learning_check_multi_class(tmp_path: Path) -> None:

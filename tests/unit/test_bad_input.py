@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from anomalib_mcad import get_model, list_models
@@ -24,13 +23,8 @@ from anomalib_mcad.data.multiclass import ImageReadError
 REPO = Path(__file__).resolve().parents[2]
 
 
-def tiny_network(name: str) -> tuple[torch.nn.Module, int]:
-    """The torch network of model ``name`` from its tiny CPU config (random weights), and its input size."""
-    config = yaml.safe_load((REPO / "configs" / name / "tiny_cpu.yaml").read_text())
-    kwargs: dict[str, Any] = dict(config["model"].get("init_args", {}))
-    for key in list(kwargs):
-        if key.endswith("pretrained"):  # pretrained, proto_pretrained, ...: random weights, nothing read
-            kwargs[key] = False
+def tiny_network(name: str, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, int]:
+    """The torch network of model ``name`` built from its tiny-config arguments ``kwargs``, and its input size."""
     module = get_model(name, **kwargs)
     if getattr(module, "model", None) is None and "num_classes" in inspect.signature(type(module)).parameters:
         module = get_model(name, **kwargs, num_classes=2)  # class-aware models build their head for known categories
@@ -39,8 +33,8 @@ def tiny_network(name: str) -> tuple[torch.nn.Module, int]:
 
 
 @pytest.fixture(scope="module", params=list_models())
-def network(request: pytest.FixtureRequest) -> tuple[str, torch.nn.Module, int]:
-    net, size = tiny_network(request.param)
+def network(request: pytest.FixtureRequest, tiny_kwargs: Any) -> tuple[str, torch.nn.Module, int]:  # noqa: ANN401
+    net, size = tiny_network(request.param, tiny_kwargs(request.param))
     return request.param, net, size
 
 
