@@ -1,9 +1,10 @@
 """Resumable runs: a run stopped after its first epoch and resumed from the checkpoint ends exactly where
 the uninterrupted run ends (same seed, deterministic mode).
 
-Three models: Dinomaly (its noisy bottleneck draws dropout from the global RNG) and the two that carry
-memory banks, PMAD (prototype pool, flow, dynamic mask weights, its own mask sampler) and MaskAD (coreset,
-flow, feature statistics, its own mask sampler). Together they cover what a resume must restore besides
+Every model: Dinomaly and INP-Former (noisy bottlenecks draw dropout from the global RNG), MINT-AD (class
+labels from the datamodule) and the two that carry memory banks, PMAD (prototype pool, flow, dynamic mask
+weights, its own mask sampler) and MaskAD (coreset, flow, feature statistics, its own mask sampler).
+Together they cover what a resume must restore besides
 weights and optimizer: the batch order (``EpochSeededSampler``), the global random streams and the
 module's own generators (both stored in the checkpoint by ``McadModule``), the learning-rate schedule and
 the memory built from training data.
@@ -25,8 +26,8 @@ from anomalib_mcad.data import MultiClassDataModule
 
 pytestmark = pytest.mark.slow
 
-#: Models checked; MaskAD joins once it is registered.
-RESUMED = [name for name in ("dinomaly", "pmad", "mask_ad") if name in list_models()]
+#: Every registered model.
+RESUMED = list_models()
 
 
 class StopAfterFirstEpoch(Callback):
