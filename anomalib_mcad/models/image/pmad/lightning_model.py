@@ -77,8 +77,8 @@ class Pmad(McadModule):
         seed: seeds the training mask generator.
     """
 
-    #: Symmetric INT8 activations: on the synthetic check, INT8 scores correlated 0.99 with FP32's under
-    #: "performance" and 0.39 under "mixed" (README, "Memory and throughput").
+    #: Symmetric INT8 activations: on the synthetic check, INT8 scores correlated 0.84-0.99 with FP32's under
+    #: "performance" (depending on the calibration images) and 0.39-0.42 under "mixed" (README, "Memory and throughput").
     int8_preset = "performance"
 
     def __init__(
