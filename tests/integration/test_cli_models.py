@@ -1,7 +1,7 @@
 """Every model's tiny CPU config through anomalib's own CLI: train (fit + test), predict, export.
 
-anomalib's ``AnomalibCLI`` runs in this process (the subprocess route, with its ~10 s import per
-command, is exercised once for Dinomaly in ``test_cli.py``). Each model's ``configs/<model>/tiny_cpu.yaml``
+anomalib's ``AnomalibCLI`` runs in this process (the ``anomalib`` console script, with its ~10 s import per
+command, is exercised once for Dinomaly in ``test_cli.py``: train and export). Each model's ``configs/<model>/tiny_cpu.yaml``
 is used as shipped, with the data root pointed at the test dataset, 2 steps and small images.
 """
 
@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 #: Per model: the class path users type, and init args that shrink the tiny config further.
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dinomaly": ("anomalib_mcad.Dinomaly", {"image_size": 64, "crop_size": 56}),
     "inp_former": ("anomalib_mcad.InpFormer", {"image_size": 64, "crop_size": 56}),
     "mask_ad": ("anomalib_mcad.MaskAd", {"pretrained": False}),
     "mint_ad": ("anomalib_mcad.MintAd", {"pretrained": False}),
