@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_mcad.compare.profiling import interleaved, openvino_checked
+from anomalib_mcad.compare.profiling import ScoreAndMap, interleaved, openvino_checked
 from anomalib_mcad.models.image.pmad.torch_model import PmadModel
 
 PARITY_TOL = 1e-3
@@ -65,19 +65,6 @@ class TokenPrediction(nn.Module):
         return amap.flatten(1).amax(1), amap
 
 
-class EndToEnd(nn.Module):
-    """Image -> (score, map): the exported path."""
-
-    def __init__(self, model: PmadModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score (B,) and map (B, 1, H, W)."""
-        out = self.model(images)
-        return out.pred_score, out.anomaly_map
-
-
 def main() -> None:
     """Build the paper-size model, check OpenVINO parity, time interleaved, print a table."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -100,7 +87,7 @@ def main() -> None:
     parts: dict[str, tuple[nn.Module, tuple[torch.Tensor, ...]]] = {
         "proposal (ProtoFlow + top-k)": (Proposal(model).eval(), (image,)),
         "token prediction (tokenizer + ViT + map)": (TokenPrediction(model).eval(), (image, nll, mask)),
-        "end to end": (EndToEnd(model).eval(), (image,)),
+        "end to end": (ScoreAndMap(model).eval(), (image,)),
     }
     runners: dict[str, Callable[[], object]] = {}
     for name, (module, example) in parts.items():
