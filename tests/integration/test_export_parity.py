@@ -26,12 +26,10 @@ import pytest
 import torch
 from anomalib.data.utils import read_image
 from anomalib.deploy import ExportType, OpenVINOInferencer
-from anomalib.engine import Engine
 from anomalib.post_processing import PostProcessor
 from lightning.pytorch import seed_everything
 
 from anomalib_mcad import get_model, list_models
-from anomalib_mcad.data import MultiClassDataModule
 
 pytestmark = pytest.mark.slow
 
@@ -51,12 +49,13 @@ def outputs(prediction: Any) -> dict[str, np.ndarray]:  # noqa: ANN401
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_torch_onnx_openvino_agree(name: str, synthetic_root: Path, tmp_path: Path, tiny_kwargs: Callable[[str], dict[str, Any]]) -> None:
+def test_torch_onnx_openvino_agree(
+    name: str, synthetic_root: Path, tmp_path: Path, tiny_kwargs: Callable[[str], dict[str, Any]], cpu_engine: Any, multiclass_datamodule: Any  # noqa: ANN401
+) -> None:
     seed_everything(0)
     model = get_model(name, **tiny_kwargs(name), post_processor=PostProcessor(enable_normalization=False), evaluator=False, visualizer=False)
-    datamodule = MultiClassDataModule(root=synthetic_root, train_batch_size=8, eval_batch_size=8, num_workers=0)
-    engine = Engine(logger=False, default_root_dir=tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1,
-                    accelerator="cpu", devices=1, enable_progress_bar=False)  # fmt: skip
+    datamodule = multiclass_datamodule(synthetic_root)
+    engine = cpu_engine(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1, enable_progress_bar=False)
     engine.fit(model=model, datamodule=datamodule)
 
     paths = {kind: Path(engine.export(model=model, export_type=kind, export_root=tmp_path / kind.value)) for kind in (ExportType.TORCH, ExportType.ONNX)}

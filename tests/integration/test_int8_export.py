@@ -10,14 +10,13 @@ The override lives in ``McadModule``, so every model of ours quantizes the same 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from anomalib.deploy import CompressionType, ExportType, OpenVINOInferencer
-from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 
-from anomalib_mcad.data import MultiClassDataModule
 from anomalib_mcad.models.image.mint_ad import MintAd
 
 pytestmark = pytest.mark.slow
@@ -36,11 +35,13 @@ TINY = {
 }
 
 
-def test_int8_ptq_scores_track_fp32_and_never_see_test_images(synthetic_root: Path, tmp_path: Path) -> None:
+def test_int8_ptq_scores_track_fp32_and_never_see_test_images(
+    synthetic_root: Path, tmp_path: Path, cpu_engine: Any, multiclass_datamodule: Any  # noqa: ANN401
+) -> None:
     seed_everything(0)
-    dm = MultiClassDataModule(root=synthetic_root, train_batch_size=8, eval_batch_size=8, num_workers=0)
+    dm = multiclass_datamodule(synthetic_root)
     model = MintAd(**TINY, num_classes=3, post_processor=False, evaluator=False, visualizer=False).eval()
-    engine = Engine(logger=False, default_root_dir=tmp_path, accelerator="cpu", devices=1)
+    engine = cpu_engine(tmp_path)
 
     def refuse() -> None:
         msg = "INT8 calibration must not read validation or test images"
