@@ -14,14 +14,13 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRScheduler
 
 from anomalib_mcad.models.components.base import McadModule
-from anomalib_mcad.models.components.pre_processing import resize_crop_normalize
 from anomalib_mcad.models.components.optim import stable_adamw_warmup_cosine
+from anomalib_mcad.models.components.pre_processing import resize_crop_normalize
 from anomalib_mcad.models.components.vit import PosEmbedInterpolation
 from anomalib_mcad.models.components.weights import PretrainedArg
 from anomalib_mcad.models.image.inp_former.augmentation import FewShotAugmentation
 from anomalib_mcad.models.image.inp_former.loss import InpFormerLoss
 from anomalib_mcad.models.image.inp_former.torch_model import DEFAULT_GROUPS, InpFormerModel
-
 
 
 class InpFormer(McadModule):

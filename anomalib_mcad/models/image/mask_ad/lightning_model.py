@@ -14,10 +14,10 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRScheduler
 
 from anomalib_mcad.models.components.base import McadModule
-from anomalib_mcad.models.components.pre_processing import resize_crop_normalize
 from anomalib_mcad.models.components.distributed import full_training_loader
 from anomalib_mcad.models.components.foreground import ForegroundMaskGenerator
 from anomalib_mcad.models.components.masking import BlockwiseMaskGenerator, RandomMaskGenerator
+from anomalib_mcad.models.components.pre_processing import resize_crop_normalize
 from anomalib_mcad.models.components.weights import PretrainedArg
 from anomalib_mcad.models.image.mask_ad.loss import MaskAdLoss
 from anomalib_mcad.models.image.mask_ad.torch_model import MaskAdModel

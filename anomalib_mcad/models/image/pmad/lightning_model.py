@@ -32,15 +32,14 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mcad.models.components.base import McadModule
-from anomalib_mcad.models.components.pre_processing import resize_crop_normalize
 from anomalib_mcad.models.components.distributed import full_training_loader, gather_rows, reduce_min
 from anomalib_mcad.models.components.foreground import foreground_mask
 from anomalib_mcad.models.components.masking import CombinationalMaskGenerator, PatchErrorRecorder, rank_loss_weights
 from anomalib_mcad.models.components.optim import WarmupCosineLR
+from anomalib_mcad.models.components.pre_processing import resize_crop_normalize
 from anomalib_mcad.models.components.validation import check_images
 from anomalib_mcad.models.components.weights import PretrainedArg
 from anomalib_mcad.models.image.pmad.torch_model import MVTEC_MASK_RATIOS, PmadModel, TokenizerType
-
 
 
 class Pmad(McadModule):

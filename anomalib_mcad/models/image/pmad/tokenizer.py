@@ -28,7 +28,6 @@ from anomalib_mcad.models.components.pre_processing import IMAGENET_MEAN, IMAGEN
 from anomalib_mcad.models.components.weights import load_weights_file
 
 
-
 class _FrozenTokenizer(nn.Module):
     """Shared behaviour: ImageNet de-normalisation buffers, frozen weights, eval mode."""
 
