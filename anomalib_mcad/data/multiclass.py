@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import zlib
 from dataclasses import dataclass, field, fields
 import logging
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from PIL import Image
 import torch
 from anomalib.data import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
+from anomalib.data.utils import ValSplitMode
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from torchvision.transforms.v2 import Transform
 
@@ -37,7 +39,9 @@ logger = logging.getLogger(__name__)
 
 #: Short names for anomalib's per-category image datamodules. ``mvtec_layout`` is any folder of
 #: MVTec-AD-layout categories (``<cat>/train/good``, ``<cat>/test/<defect>``,
-#: ``<cat>/ground_truth/<defect>``), read with anomalib's MVTecAD reader.
+#: ``<cat>/ground_truth/<defect>``), read with anomalib's MVTecAD reader; a category without a
+#: ``ground_truth`` folder is read with image labels only. ``anomalib_folder`` is anomalib's
+#: ``Folder`` datamodule, one per category folder (:class:`DataSource`).
 DATASETS: dict[str, str] = {
     "mvtec_ad": "anomalib.data.MVTecAD",
     "visa": "anomalib.data.Visa",
@@ -45,8 +49,21 @@ DATASETS: dict[str, str] = {
     "mpdd": "anomalib.data.MPDD",
     "btech": "anomalib.data.BTech",
     "mvtec_layout": "anomalib.data.MVTecAD",
+    "anomalib_folder": "anomalib.data.Folder",
 }
-_ALIASES = {"mvtec": "mvtec_ad", "mvtecad": "mvtec_ad", "realiad": "real_iad", "folder": "mvtec_layout"}
+#: Datasets read by this package itself rather than by an anomalib datamodule.
+OWN_READERS = frozenset({"elpv"})
+_ALIASES = {
+    "mvtec": "mvtec_ad",
+    "mvtecad": "mvtec_ad",
+    "realiad": "real_iad",
+    "folder": "mvtec_layout",
+    "anomalib.data.Folder": "anomalib_folder",
+    "anomalib.data.datamodules.image.folder.Folder": "anomalib_folder",
+}
+#: ``Folder`` arguments a category may set in ``dataset_kwargs`` (paths relative to its category folder).
+FOLDER_KEYS = frozenset({"normal_dir", "abnormal_dir", "normal_test_dir", "mask_dir", "extensions", "test_split_mode", "test_split_ratio", "seed"})
+_MVTEC_EXTENSIONS = (".png", ".PNG")
 _CATEGORY_MODULES = {
     "mvtec_ad": "anomalib.data.datasets.image.mvtecad",
     "visa": "anomalib.data.datasets.image.visa",
@@ -69,7 +86,7 @@ class DataSource:
     equal folder names of two datasets cannot collide and the metrics can average per dataset.
     """
 
-    root: Path
+    root: Path | None
     dataset: str = "mvtec_layout"
     name: str = ""
     categories: tuple[str, ...] | None = None
@@ -81,14 +98,15 @@ class DataSource:
         if isinstance(config, DataSource):
             return config
         unknown = set(config) - {"root", "dataset", "name", "categories", "dataset_kwargs"}
-        if unknown or "root" not in config:
-            msg = f"A source needs 'root' and may have 'dataset', 'name', 'categories', 'dataset_kwargs'; got {sorted(config)}"
-            raise ValueError(msg)
         dataset = config.get("dataset", "mvtec_layout")
         dataset = _ALIASES.get(dataset, dataset)
+        if unknown or ("root" not in config and dataset not in OWN_READERS):
+            msg = f"A source needs 'root' and may have 'dataset', 'name', 'categories', 'dataset_kwargs'; got {sorted(config)}"
+            raise ValueError(msg)
         categories = config.get("categories")
+        root = config.get("root")
         return cls(
-            root=Path(config["root"]).expanduser(),
+            root=Path(root).expanduser() if root is not None else None,
             dataset=dataset,
             name=str(config.get("name") or dataset),
             categories=tuple(categories) if categories is not None else None,
@@ -99,8 +117,47 @@ class DataSource:
         """The category's name in the datamodule (prefixed by the source name in a union)."""
         return f"{self.name}/{category}" if self.name else category
 
+    def __post_init__(self) -> None:
+        """Resolve ELPV's default root (the installed package); check ``dataset_kwargs``."""
+        if self.dataset == "elpv":
+            from anomalib_mcad.data.elpv import ElpvSplit, elpv_root  # noqa: PLC0415
+
+            if self.root is None:
+                object.__setattr__(self, "root", elpv_root())
+            try:
+                ElpvSplit(**self.dataset_kwargs)
+            except TypeError as err:
+                msg = f"dataset='elpv': bad dataset_kwargs {self.dataset_kwargs}: {err}. Allowed: include_uncertain, n_train_normal, n_test_normal, n_test_anomalous, split_seed"
+                raise ValueError(msg) from err
+        elif self.root is None:
+            msg = f"dataset '{self.dataset}' needs a root folder"
+            raise ValueError(msg)
+        if self.dataset == "anomalib_folder":
+            shared = set(self.dataset_kwargs) - FOLDER_KEYS - {"per_category"}
+            per_category = self.dataset_kwargs.get("per_category") or {}
+            bad = sorted(shared | {k for kwargs in per_category.values() for k in set(kwargs) - FOLDER_KEYS})
+            if bad or ("normal_dir" not in self.dataset_kwargs and not per_category):
+                problem = f"unknown keys {bad}" if bad else "normal_dir missing"
+                msg = (
+                    f"anomalib's Folder as a multi-class dataset: {problem}. dataset_kwargs take {sorted(FOLDER_KEYS)} "
+                    "(applied to every category folder under root, paths relative to it; normal_dir required) and "
+                    "'per_category': {<category>: {the same keys}}"
+                )
+                raise ValueError(msg)
+
+    def _folder_kwargs(self, category: str) -> dict[str, Any]:
+        """``Folder`` arguments of one category: the shared ones, then the category's own."""
+        shared = {k: v for k, v in self.dataset_kwargs.items() if k != "per_category"}
+        return {"seed": 0, **shared, **dict((self.dataset_kwargs.get("per_category") or {}).get(category, {}))}
+
     def available_categories(self) -> list[str]:
         """Categories of this dataset that exist under ``root`` (unprefixed)."""
+        if self.dataset == "elpv":
+            from anomalib_mcad.data.elpv import ELPV_CATEGORIES, read_elpv_labels  # noqa: PLC0415
+
+            present = set(read_elpv_labels(self.root)["category"])
+            found = [c for c in ELPV_CATEGORIES if c in present]
+            return self._check_requested(found)
         if not self.root.is_dir():
             msg = f"Dataset root not found: {self.root}"
             raise FileNotFoundError(msg)
@@ -112,8 +169,14 @@ class DataSource:
             found = [c for c in known if c in on_disk]
         elif self.dataset == "mvtec_layout":
             found = [c for c in on_disk if (self.root / c / "train").is_dir()]
+        elif self.dataset == "anomalib_folder":
+            found = [c for c in on_disk if (self.root / c / str(self._folder_kwargs(c).get("normal_dir", ""))).is_dir()]
         else:
             found = on_disk
+        return self._check_requested(found)
+
+    def _check_requested(self, found: list[str]) -> list[str]:
+        """``found``, or the requested categories if all of them are among it."""
         if self.categories is not None:
             missing = [c for c in self.categories if c not in found]
             if missing:
@@ -124,11 +187,56 @@ class DataSource:
 
     def category_datamodule(self, category: str) -> AnomalibDataModule:
         """anomalib's own datamodule for one (unprefixed) category, prepared but not downloaded."""
+        if self.dataset in OWN_READERS:
+            msg = f"dataset '{self.dataset}' is read by anomalib_mcad itself, not by an anomalib datamodule"
+            raise ValueError(msg)
         cls = _import(DATASETS.get(self.dataset, self.dataset))
+        if self.dataset == "anomalib_folder":
+            return cls(name=category, root=self.root / category, num_workers=0, **self._folder_kwargs(category))
         dm = cls(root=self.root, category=category, num_workers=0, **self.dataset_kwargs)
         if self.dataset == "visa":
             dm.prepare_data()  # splits the raw VisA folders into visa_pytorch/ once; the root was checked to exist
         return dm
+
+    def frames(self, category: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Training and test sample frames of one (unprefixed) category, as anomalib's readers write them.
+
+        Raises:
+            ValueError: the category cannot be read (e.g. an empty folder).
+        """
+        if self.dataset == "elpv":
+            from anomalib_mcad.data.elpv import ElpvSplit, elpv_frames  # noqa: PLC0415
+
+            return elpv_frames(self.root, category, ElpvSplit(**self.dataset_kwargs))
+        if self.dataset == "mvtec_layout" and not (self.root / category / "ground_truth").is_dir():
+            return _mvtec_layout_frames_without_masks(self.root / category)
+        dm = self.category_datamodule(category)
+        try:
+            dm._setup()  # noqa: SLF001 - anomalib's documented hook that builds train_data / test_data only
+            if self.dataset == "anomalib_folder":
+                dm._create_test_split()  # noqa: SLF001 - Folder's normal test images (from normal_test_dir, or split off the normal ones)
+        except RuntimeError as err:  # anomalib's readers: "Found 0 images in <folder>"
+            msg = f"Category '{self.qualified(category)}' cannot be read: {err} (an empty category folder?)"
+            raise ValueError(msg) from err
+        return dm.train_data.samples.copy(), dm.test_data.samples.copy()
+
+
+def _mvtec_layout_frames_without_masks(category_root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Samples of an MVTec-layout category that has no ``ground_truth`` folder: image labels only.
+
+    ``train/good`` and ``test/good`` are normal, every other ``test/<defect>`` folder anomalous;
+    ``mask_path`` is empty, so the pixel metrics of such a category are n/a.
+    """
+    frames = []
+    for split in ("train", "test"):
+        rows = []
+        for folder in sorted(p for p in (category_root / split).glob("*") if p.is_dir()):
+            for image in sorted(f for f in folder.iterdir() if f.suffix in _MVTEC_EXTENSIONS):
+                rows.append({"path": str(category_root), "split": split, "label": folder.name, "image_path": str(image), "mask_path": "", "label_index": int(folder.name != "good")})
+        frame = pd.DataFrame(rows, columns=["path", "split", "label", "image_path", "mask_path", "label_index"])
+        frame.attrs["task"] = "classification"
+        frames.append(frame)
+    return frames[0], frames[1]
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -284,7 +392,8 @@ class MultiClassDataModule(AnomalibDataModule):
             val_split_ratio=val_split_ratio,
             seed=seed,
         )
-        if (root is None) == (sources is None):
+        dataset = _ALIASES.get(dataset, dataset)
+        if (root is None and dataset not in OWN_READERS) == (sources is None) or (root is not None and sources is not None):
             msg = "Give either 'root' (one dataset) or 'sources' (a union of datasets), not both or neither"
             raise ValueError(msg)
         if sources is not None:
@@ -294,7 +403,7 @@ class MultiClassDataModule(AnomalibDataModule):
                 msg = f"'sources' must be a non-empty list with distinct names, got {names}"
                 raise ValueError(msg)
         else:
-            self.sources = [DataSource(Path(root).expanduser(), _ALIASES.get(dataset, dataset), "", None, dict(dataset_kwargs or {}))]
+            self.sources = [DataSource(Path(root).expanduser() if root is not None else None, dataset, "", None, dict(dataset_kwargs or {}))]
         self.root = self.sources[0].root
         self.dataset = self.sources[0].dataset if sources is None else "union"
         self.dataset_kwargs = self.sources[0].dataset_kwargs
@@ -364,24 +473,34 @@ class MultiClassDataModule(AnomalibDataModule):
     def _frames(self, categories: list[str]) -> tuple[list[pd.DataFrame], list[pd.DataFrame]]:
         train_frames, test_frames = [], []
         for category in categories:
-            dm = self._category_datamodule(category)
-            try:
-                dm._setup()  # noqa: SLF001 - anomalib's documented hook that builds train_data / test_data only
-            except RuntimeError as err:  # anomalib's readers: "Found 0 images in <folder>"
-                msg = f"Category '{category}' cannot be read: {err} (an empty category folder?)"
-                raise ValueError(msg) from err
+            source, name = self._source_of[category]
             index = self.category_names.index(category)
-            for frames, data in ((train_frames, dm.train_data), (test_frames, dm.test_data)):
-                frame = data.samples.copy()
+            for frames, frame in zip((train_frames, test_frames), source.frames(name), strict=True):
+                frame = frame.copy()  # noqa: PLW2901
                 frame["category"] = category
                 frame["category_index"] = index
                 frames.append(frame)
         return train_frames, test_frames
 
+    def _task(self, categories: list[str], frames: list[pd.DataFrame]) -> str:
+        """``segmentation`` when every category has masks, ``classification`` when none has.
+
+        Raises:
+            ValueError: some categories have masks and others have none (one batch cannot mix them).
+        """
+        tasks = {category: str(frame.attrs.get("task", "segmentation")) for category, frame in zip(categories, frames, strict=True)}
+        if len(set(tasks.values())) > 1:
+            with_masks = [c for c, t in tasks.items() if t == "segmentation"]
+            without = [c for c, t in tasks.items() if t != "segmentation"]
+            msg = f"Categories {with_masks} have pixel masks but {without} have none; train or test them in separate datamodules"
+            raise ValueError(msg)
+        return next(iter(tasks.values()))
+
     def _setup(self, _stage: str | None = None) -> None:
         """Build the concatenated train and test sets (and the support set)."""
         needed = list(dict.fromkeys(self.train_categories + self.test_categories))
         train_frames, test_frames = self._frames(needed)
+        task = self._task(needed, test_frames)
         by_cat_train = dict(zip(needed, train_frames, strict=True))
         by_cat_test = dict(zip(needed, test_frames, strict=True))
         rng = np.random.default_rng(self.seed)
@@ -401,14 +520,18 @@ class MultiClassDataModule(AnomalibDataModule):
         if len(train_samples) == 0:
             msg = "The training set is empty"
             raise ValueError(msg)
+        test_samples = pd.concat([by_cat_test[c] for c in self.test_categories], ignore_index=True)
+        train_samples.attrs["task"] = test_samples.attrs["task"] = task
         self.train_data = MultiClassDataset(train_samples)
-        self.test_data = MultiClassDataset(pd.concat([by_cat_test[c] for c in self.test_categories], ignore_index=True))
+        self.test_data = MultiClassDataset(test_samples)
         if self.support_shots is not None:
             support = [
                 self._pick(by_cat_train[c][by_cat_train[c]["label_index"] == 0], self.support_shots, rng, c)
                 for c in self.test_categories
             ]
-            self.support_data = MultiClassDataset(pd.concat(support, ignore_index=True))
+            support_samples = pd.concat(support, ignore_index=True)
+            support_samples.attrs["task"] = task
+            self.support_data = MultiClassDataset(support_samples)
         logger.info(
             "Multi-class data: %d training images from %s; %d test images from %s",
             len(self.train_data),
@@ -416,6 +539,32 @@ class MultiClassDataModule(AnomalibDataModule):
             len(self.test_data),
             self.test_categories,
         )
+
+    def _create_val_split(self) -> None:
+        """Validation split; ``from_train`` takes the same share of every category's normal training images.
+
+        anomalib's ``from_train`` draws ``val_split_ratio`` of the pooled training set, so small
+        categories can get no validation image at all. Here each category gives
+        ``round(n * val_split_ratio)`` of its ``n`` training images (at least one stays for
+        training), drawn with a generator seeded by ``(seed, category)``; both parts keep file
+        order. Other modes are anomalib's.
+        """
+        if ValSplitMode(self.val_split_mode) != ValSplitMode.FROM_TRAIN:
+            super()._create_val_split()
+            return
+        samples = self.train_data.samples
+        train_rows: list[int] = []
+        val_rows: list[int] = []
+        for category in self.train_data.categories:
+            rows = np.flatnonzero((samples["category"] == category).to_numpy())
+            n_val = min(int(np.floor(len(rows) * self.val_split_ratio + 0.5)), len(rows) - 1)
+            seed = None if self.seed is None else [int(self.seed), zlib.crc32(category.encode())]
+            chosen = np.zeros(len(rows), dtype=bool)
+            chosen[np.random.default_rng(seed).permutation(len(rows))[: max(n_val, 0)]] = True
+            train_rows.extend(rows[~chosen].tolist())
+            val_rows.extend(rows[chosen].tolist())
+        self.val_data = self.train_data.subsample(sorted(val_rows))
+        self.train_data = self.train_data.subsample(sorted(train_rows))
 
     @staticmethod
     def _pick(frame: pd.DataFrame, k: int, rng: np.random.Generator, category: str) -> pd.DataFrame:
