@@ -24,6 +24,11 @@ _PUBLIC = {
     "MultiClassDataModule": "anomalib_mcad.data",
     "generate_synthetic_dataset": "anomalib_mcad.data",
     "PerCategoryMetrics": "anomalib_mcad.metrics",
+    # the errors a user is told to catch
+    "CheckpointMismatchError": "anomalib_mcad.models.components.base",
+    "PretrainedWeightsError": "anomalib_mcad.models.components.weights",
+    "ImageReadError": "anomalib_mcad.data.multiclass",
+    "DownloadBlockedError": "anomalib_mcad.compare.offline",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -28,6 +28,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from anomalib_mcad.compare.config import CompareSettings, ModelSpec, instantiate, slug
 from anomalib_mcad.compare.offline import block_downloads, random_backbone_weights
+from anomalib_mcad.models.components.base import ONNX_OPSET
 from anomalib_mcad.compare.profiling import (
     PeakMemory,
     count_flops,
@@ -266,7 +267,8 @@ def run_model(
                     result.stage = "openvino"
                     try:
                         model.cpu()
-                        xml = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=output_dir / "export", input_size=result.input_size)
+                        # opset 18 for anomalib's built-in models too (ours default to it): no failed down-conversion traceback
+                        xml = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=output_dir / "export", input_size=result.input_size, onnx_kwargs={"opset_version": ONNX_OPSET})
                         ov_image = probe.image[None].numpy().astype(np.float32)
                         result.latency_openvino_ms, result.latency_openvino_min_ms = openvino_latency_ms(xml, ov_image, settings.latency_warmup, settings.latency_runs)
                     except Exception as exc:  # noqa: BLE001  (reported, not fatal)

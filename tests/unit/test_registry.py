@@ -36,3 +36,13 @@ def test_importing_the_plugin_leaves_anomalibs_get_model_alone(monkeypatch: pyte
 def test_unknown_public_name() -> None:
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         anomalib_mcad.Nope  # noqa: B018
+
+
+def test_errors_users_catch_are_importable_from_the_package() -> None:
+    from anomalib_mcad import CheckpointMismatchError, DownloadBlockedError, ImageReadError, PretrainedWeightsError
+    from anomalib_mcad.models.components.base import CheckpointMismatchError as defined_in_base
+
+    assert CheckpointMismatchError is defined_in_base
+    assert issubclass(CheckpointMismatchError, ValueError) and issubclass(PretrainedWeightsError, RuntimeError)
+    assert issubclass(ImageReadError, OSError) and issubclass(DownloadBlockedError, RuntimeError)
+    assert set(anomalib_mcad.__all__) >= {"CheckpointMismatchError", "PretrainedWeightsError", "ImageReadError", "DownloadBlockedError"}

@@ -21,6 +21,11 @@ CHECKPOINT_KEY = "anomalib_mcad"
 #: Checkpoint layout number; raised when a change would make older code misread a checkpoint.
 CHECKPOINT_FORMAT = 1
 
+#: ONNX opset of every export of our models (ONNX, and OpenVINO through ONNX). torch's dynamo
+#: exporter builds the graph at opset 18; anomalib asks for 14 by default, and onnxscript's
+#: down-conversion to 14 then fails and logs a long traceback before keeping 18 anyway.
+ONNX_OPSET = 18
+
 
 #: OpenVINO operation types whose inputs INT8 post-training quantization leaves in FP32: the
 #: elementwise arithmetic of residuals, distance maps, upsampling, scores and normalisation.
@@ -169,6 +174,11 @@ class McadModule(AnomalibModule):
         del args, kwargs
         predictions = self.scoring_network(batch.image)
         return batch.update(pred_score=predictions.pred_score, anomaly_map=predictions.anomaly_map)
+
+    def to_onnx(self, export_root: Any, model_file_name: str = "model", input_size: tuple[int, int] | None = None, **kwargs: Any) -> Any:  # noqa: ANN401
+        """anomalib's ONNX export at :data:`ONNX_OPSET` unless ``opset_version`` is given (OpenVINO export goes through it)."""
+        kwargs.setdefault("opset_version", ONNX_OPSET)
+        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
