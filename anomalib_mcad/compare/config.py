@@ -181,13 +181,17 @@ def settings_parser() -> Any:  # noqa: ANN401  (jsonargparse.ArgumentParser, imp
 def load_settings(args: Sequence[str] | str | Path | Mapping[str, Any]) -> tuple[list[ModelSpec], dict[str, Any], CompareSettings]:
     """``(models, data, settings)`` from command-line arguments, a YAML path or a mapping."""
     parser = settings_parser()
+    dotted: list[tuple[str, str]] = []
     if isinstance(args, Mapping):
         cfg = parser.parse_object(dict(args))
     elif isinstance(args, (str, Path)):
         cfg = parser.parse_args(["--config", str(args)])
     else:
-        cfg = parser.parse_args(list(args))
+        rest, dotted = split_dotted_overrides(list(args))
+        cfg = parser.parse_args(rest)
     values = cfg.as_dict()
+    for key, text in dotted:
+        apply_dotted_override(values, key, text)
     models = [ModelSpec.from_config(entry) for entry in values["models"]]
     if not models:
         msg = "the comparison needs at least one model"
@@ -210,6 +214,75 @@ def load_settings(args: Sequence[str] | str | Path | Mapping[str, Any]) -> tuple
         anomalib_evaluator=bool(values["anomalib_evaluator"]),
     )
     return models, data, settings
+
+
+#: Top-level keys whose nested values a dotted command-line override reaches (``--data.init_args.root``).
+_NESTED = ("data", "models")
+
+
+def split_dotted_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """``argv`` without the ``--data.<...>`` / ``--models.<i>.<...>`` overrides, and those as ``(key, value)``.
+
+    jsonargparse treats ``data`` and ``models`` as plain dicts and would put ``--data.init_args.root``
+    beside ``init_args``; they are applied after parsing by :func:`apply_dotted_override` instead.
+    """
+    rest: list[str] = []
+    dotted: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if name.split(".", 1)[0] in _NESTED and "." in name:
+            if "=" in arg:
+                dotted.append((name, arg.split("=", 1)[1]))
+            elif i + 1 < len(argv):
+                dotted.append((name, argv[i + 1]))
+                i += 1
+            else:
+                msg = f"{arg} needs a value"
+                raise ValueError(msg)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, dotted
+
+
+def apply_dotted_override(values: dict[str, Any], key: str, text: str) -> None:
+    """Set ``values[data|models][...]`` from ``key`` (``data.init_args.root``, ``models.1.init_args.lr``), as the YAML would.
+
+    The value is read as YAML (``7`` an int, ``[a, b]`` a list). A key that the YAML's structure has no
+    place for (``data.root``: the datamodule's arguments live under ``init_args``; a model index out of
+    range) is refused with an error that says where it belongs.
+
+    Raises:
+        ValueError: the override has no place in the configuration.
+    """
+    import yaml  # noqa: PLC0415
+
+    parts = key.split(".")
+    if parts[0] == "models":
+        if len(parts) < 3 or not parts[1].isdigit() or int(parts[1]) >= len(values["models"]):
+            msg = f"--{key}: address a model by its position, e.g. --models.0.init_args.<arg>; there are {len(values['models'])} models (0-{len(values['models']) - 1})"
+            raise ValueError(msg)
+        node: Any = values["models"][int(parts[1])]
+        path = parts[2:]
+        allowed = MODEL_KEYS
+    else:
+        node = values["data"]
+        path = parts[1:]
+        allowed = frozenset({"class_path", "init_args"})
+    if path[0] not in allowed:
+        msg = f"--{key}: '{path[0]}' is not a key of a {parts[0]} entry (keys: {sorted(allowed)}); did you mean --{'.'.join([*parts[: len(parts) - len(path)], 'init_args', *path])}?"
+        raise ValueError(msg)
+    for step in path[:-1]:
+        child = node.get(step)
+        if child is None:
+            child = node[step] = {}
+        if not isinstance(child, dict):
+            msg = f"--{key}: '{step}' holds {child!r}, not a mapping"
+            raise ValueError(msg)
+        node = child
+    node[path[-1]] = yaml.safe_load(text)
 
 
 def import_class(class_path: str, base: type) -> type:

@@ -97,6 +97,20 @@ def test_command_line_overrides_the_yaml(tmp_path: Path) -> None:
     assert len(models) >= 2
 
 
+def test_dotted_overrides_land_where_the_yaml_key_would() -> None:
+    """``--data.init_args.root`` replaces the YAML's root (not a sibling of init_args); models by position."""
+    config = str(CONFIGS / "synthetic_cpu.yaml")
+    models, data, _ = load_settings(["--config", config, "--data.init_args.root", "/other", "--models.3.init_args.lr=0.5", "--models.1.init_args.image_size", "96"])
+    assert data["init_args"]["root"] == "/other" and set(data) == {"class_path", "init_args"}
+    assert data["init_args"]["categories"] == ["brick", "washer"]  # the rest of init_args is kept
+    assert models[3].init_args["lr"] == 0.5 and models[1].init_args["image_size"] == 96
+    assert models[3].init_args["hidden_dim"] == 64
+    with pytest.raises(ValueError, match=r"'root' is not a key of a data entry .*did you mean --data.init_args.root\?"):
+        load_settings(["--config", config, "--data.root", "/other"])
+    with pytest.raises(ValueError, match=r"there are 7 models \(0-6\)"):
+        load_settings(["--config", config, "--models.9.init_args.lr", "1"])
+
+
 def test_mapping_input_and_bad_entries() -> None:
     config = {
         "data": {"class_path": "anomalib.data.MVTecAD", "init_args": {"root": "x", "category": "bottle"}},
