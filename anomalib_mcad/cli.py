@@ -14,7 +14,11 @@ from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
     """Sub-commands: ``demo``, ``synth``, ``models``, ``compare``."""
-    parser = argparse.ArgumentParser(prog="anomalib-mcad", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="anomalib-mcad",
+        description="The plugin's own commands: demo, dataset generation, model list, comparison. Training, testing and "
+        "export go through anomalib's CLI with our class paths (anomalib train --model anomalib_mcad.Dinomaly ...).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser(
@@ -62,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "synth":
         from anomalib_mcad.data import synthetic  # noqa: PLC0415
 
-        return synthetic.main(rest)
+        return synthetic.main(rest, prog="anomalib-mcad synth")
     if args.command == "compare":
         from anomalib_mcad import compare  # noqa: PLC0415
 

@@ -820,10 +820,10 @@ def generate_synthetic_dataset(
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    """Argument parser for ``python -m anomalib_mcad.data.synthetic``."""
+def build_parser(prog: str = "python -m anomalib_mcad.data.synthetic") -> argparse.ArgumentParser:
+    """Argument parser of the generator (``anomalib-mcad synth`` passes its own program name)."""
     parser = argparse.ArgumentParser(
-        prog="python -m anomalib_mcad.data.synthetic",
+        prog=prog,
         description="Generate an offline synthetic anomaly-detection dataset in MVTec-AD layout.",
     )
     parser.add_argument("--root", type=Path, help="output directory (one sub-folder per category)")
@@ -842,9 +842,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m anomalib_mcad.data.synthetic") -> int:
     """CLI entry point: generate, then print where the data went and per-category counts."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.list:
         print("texture categories:", " ".join(TEXTURE_CATEGORIES))
