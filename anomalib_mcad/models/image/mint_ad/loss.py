@@ -24,8 +24,9 @@ class MintAdLoss(nn.Module):
         prior_weight: ``lambda_b`` (0.1).
     """
 
-    def __init__(self, ce_weight: float = 1.0, prior_weight: float = 0.1) -> None:
+    def __init__(self, ce_weight: float = 1.0, prior_weight: float = 0.1, prior_detach: bool = False) -> None:
         super().__init__()
+        self.prior_detach = prior_detach
         self.ce_weight = ce_weight
         self.prior_weight = prior_weight
 
@@ -41,7 +42,8 @@ class MintAdLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Return ``{"loss", "mse", "ce", "prior"}``; ``ce`` is 0 without logits (image prompt)."""
         mse = F.mse_loss(reconstructed, original.detach())
-        prior = F.gaussian_nll_loss(prior_mean, adapted, prior_var, full=True, eps=1e-6, reduction="mean")
+        target = adapted.detach() if self.prior_detach else adapted
+        prior = F.gaussian_nll_loss(prior_mean, target, prior_var, full=True, eps=1e-6, reduction="mean")
         ce = mse.new_zeros(())
         if logits is not None:
             if labels is None:

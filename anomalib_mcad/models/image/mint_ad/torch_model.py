@@ -33,6 +33,8 @@ from anomalib_mcad.models.components.weights import PretrainedArg
 
 PromptType = Literal["feature", "label", "image"]
 PROMPT_TYPES: tuple[str, ...] = ("feature", "label", "image")
+ScoreType = Literal["max", "l2_avgpool"]
+SCORE_TYPES: tuple[str, ...] = ("max", "l2_avgpool")
 
 
 @dataclass
@@ -114,12 +116,22 @@ class DecoderLayer(nn.Module):
         tgt = self.norm2(tgt + self.dropout2(attended))
         return self.norm3(tgt + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
 
+    def forward_with_query(self, query: torch.Tensor, previous: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """UniAD's decoder layer with the (class-aware) query re-injected: the query attends to the
+        encoder output, then to the previous decoder output (the encoder output for the first layer), FFN.
+        """
+        tgt = self.norm1(query + self.dropout1(self.self_attn(query + pos, memory + pos, memory, need_weights=False)[0]))
+        attended = self.cross_attn(tgt + pos, previous + pos, previous, need_weights=False)[0]
+        tgt = self.norm2(tgt + self.dropout2(attended))
+        return self.norm3(tgt + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
+
 
 class ReconstructionTransformer(nn.Module):
     """4 encoder + 4 decoder layers (dim 256, FFN 1024, 8 heads, dropout 0.1; Table 15, UniAD's config)."""
 
-    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, num_encoder_layers: int, num_decoder_layers: int) -> None:
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, num_encoder_layers: int, num_decoder_layers: int, query_every_layer: bool = False) -> None:
         super().__init__()
+        self.query_every_layer = query_every_layer
         self.encoder = nn.ModuleList(EncoderLayer(dim, heads, ffn_dim, dropout) for _ in range(num_encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(dim, heads, ffn_dim, dropout) for _ in range(num_decoder_layers))
         self.decoder_norm = nn.LayerNorm(dim)
@@ -129,6 +141,11 @@ class ReconstructionTransformer(nn.Module):
         memory = tokens
         for layer in self.encoder:
             memory = layer(memory, pos)
+        if self.query_every_layer:
+            out = memory
+            for layer in self.decoder:
+                out = layer.forward_with_query(query, out, memory, pos)
+            return self.decoder_norm(out)
         out = query
         for layer in self.decoder:
             out = layer(out, memory, pos)
@@ -143,8 +160,9 @@ class ClassPromptMapper(nn.Module):
     -> 256 -> 256 -> 32 (LeakyReLU, LeakyReLU, softmax) = ``t_c``. Head: 32 -> N classes.
     """
 
-    def __init__(self, num_positions: int, dim: int, num_classes: int | None, token_dim: int = 32, hidden: int = 256) -> None:
+    def __init__(self, num_positions: int, dim: int, num_classes: int | None, token_dim: int = 32, hidden: int = 256, head_on_log_token: bool = False) -> None:
         super().__init__()
+        self.head_on_log_token = head_on_log_token
         self.class_encoder = nn.Sequential(
             nn.Linear(num_positions, hidden),
             nn.ReLU(),
@@ -166,8 +184,16 @@ class ClassPromptMapper(nn.Module):
     def forward(self, adapted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Adapted features (B, h*w, D) -> (class token (B, 32), logits (B, N) or None)."""
         per_channel = self.class_encoder(adapted.transpose(1, 2))  # (B, D, 32)
-        token = self.channel_encoder(per_channel.flatten(1))
-        return token, (self.head(token) if self.head is not None else None)
+        if not self.head_on_log_token:
+            token = self.channel_encoder(per_channel.flatten(1))
+            return token, (self.head(token) if self.head is not None else None)
+        # the token is still the softmax output; the head reads its centred log (= the channel encoder's
+        # pre-softmax output minus its mean), so the cross-entropy gradient does not pass through the
+        # softmax Jacobian (~1/32 near a uniform token) and the logits start near zero
+        channel = self.channel_encoder[:-1](per_channel.flatten(1))
+        log_token = F.log_softmax(channel, dim=-1)
+        centred = log_token - log_token.mean(dim=-1, keepdim=True)
+        return log_token.exp(), (self.head(centred) if self.head is not None else None)
 
 
 class ClassAwareINR(nn.Module):
@@ -281,8 +307,15 @@ class MintAdModel(nn.Module):
         token_dim: int = 32,
         jitter_scale: float = 20.0,
         jitter_prob: float = 1.0,
+        head_on_log_token: bool = False,
+        query_every_layer: bool = False,
+        score: ScoreType = "max",
+        feature_norm: bool = False,
     ) -> None:
         super().__init__()
+        if score not in SCORE_TYPES:
+            msg = f"score must be one of {SCORE_TYPES}, got {score!r}"
+            raise ValueError(msg)
         if prompt_type not in PROMPT_TYPES:
             msg = f"prompt_type must be one of {PROMPT_TYPES}, got {prompt_type!r}"
             raise ValueError(msg)
@@ -296,14 +329,18 @@ class MintAdModel(nn.Module):
         self.feature_size = feature_size
         self.jitter_scale = jitter_scale
         self.jitter_prob = jitter_prob
+        self.score = score
         self.backbone = CNNFeatureTap(backbone, stages, pretrained)
         channels = self.backbone.out_channels
         positions = feature_size * feature_size
         self.adapter = nn.Linear(channels, hidden_dim)
+        # optional per-channel standardisation of f' with training statistics (running mean/var over all
+        # training batches, frozen at inference); None keeps UniAD's raw features
+        self.feature_norm = nn.BatchNorm2d(channels, affine=False, momentum=None) if feature_norm else None
         self.pos_embed = LearnedPositionEmbedding(feature_size, hidden_dim)
-        self.transformer = ReconstructionTransformer(hidden_dim, num_heads, ffn_dim, dropout, num_encoder_layers, num_decoder_layers)
+        self.transformer = ReconstructionTransformer(hidden_dim, num_heads, ffn_dim, dropout, num_encoder_layers, num_decoder_layers, query_every_layer)
         self.output_proj = nn.Linear(hidden_dim, channels)
-        self.prompt_mapper = ClassPromptMapper(positions, hidden_dim, num_classes if prompt_type != "image" else None, token_dim)
+        self.prompt_mapper = ClassPromptMapper(positions, hidden_dim, num_classes if prompt_type != "image" else None, token_dim, head_on_log_token=head_on_log_token)
         self.label_embedding = nn.Embedding(num_classes, token_dim) if prompt_type == "label" else None
         self.inr = ClassAwareINR(positions, hidden_dim, hidden_dim, token_dim)
         self.distribution_decoder = DistributionDecoder(hidden_dim)
@@ -343,7 +380,12 @@ class MintAdModel(nn.Module):
     def reconstruct(self, images: torch.Tensor, category_index: torch.Tensor | None = None) -> MintAdOutput:
         """Run the whole network; jitter is applied only in training mode."""
         check_images(images, min_size=self.min_image_size, what="MINT-AD")
-        original = self.original_features(images)  # (B, C, h, w)
+        return self.reconstruct_features(self.original_features(images), category_index)
+
+    def reconstruct_features(self, original: torch.Tensor, category_index: torch.Tensor | None = None) -> MintAdOutput:
+        """Everything after the frozen backbone, from its features ``f'`` (B, C, h, w)."""
+        if self.feature_norm is not None:
+            original = self.feature_norm(original)
         tokens = original.flatten(2).transpose(1, 2)  # (B, h*w, C)
         adapted = self.adapter(tokens)
         token, logits = self.class_token(adapted, category_index)
@@ -364,5 +406,10 @@ class MintAdModel(nn.Module):
         if self.training:
             return out
         distance = (out.original - out.reconstructed).pow(2).sum(dim=1, keepdim=True)  # eq. 7
+        if self.score == "l2_avgpool":  # UniAD: L2 map, upsampled, image score = max of its k x k average pooling
+            distance = distance.sqrt()
         anomaly_map = F.interpolate(distance, size=images.shape[-2:], mode="bilinear", align_corners=True)
+        if self.score == "l2_avgpool":
+            k = max(images.shape[-1] // distance.shape[-1], 1)  # UniAD: avgpool_size 16 = the stride of the grid
+            return InferenceBatch(pred_score=F.avg_pool2d(anomaly_map, k, stride=1).flatten(1).amax(dim=1), anomaly_map=anomaly_map)
         return InferenceBatch(pred_score=anomaly_map.flatten(1).amax(dim=1), anomaly_map=anomaly_map)
