@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -47,13 +48,47 @@ def test_paper_backbone_gives_272_channels_and_lite0_192() -> None:
 def test_test_masks_are_seeded_buffers_with_the_paper_ratios() -> None:
     model = MaskAdModel(**TINY)
     fixed = model.fixed_masks
-    assert fixed.shape == (9, 8, 8)  # 4 random, 4 block-wise, 1 empty
-    counts = fixed.flatten(1).sum(1).tolist()
-    assert counts == [12] * 4 + [9] * 4 + [0]  # floor(0.2 * 64), floor(0.15 * 64)
+    assert fixed.shape == (8, 9, 8, 8)  # 8 sets of: 4 random, 4 block-wise, 1 empty
+    for bank in fixed:
+        counts = bank.flatten(1).sum(1).tolist()
+        assert counts == [12] * 4 + [9] * 4 + [0]  # floor(0.2 * 64), floor(0.15 * 64)
+    assert not torch.equal(fixed[0], fixed[1])  # the sets differ
     assert "fixed_masks" in model.state_dict()
     assert torch.equal(MaskAdModel(**TINY).fixed_masks, fixed)
     assert not torch.equal(MaskAdModel(**TINY, mask_seed=1).fixed_masks, fixed)
-    assert model.prototype_counts == [1, 2, 4, 5]  # 0.01 .. 0.08 of 64, at least one patch
+    assert model.prototype_counts == [1, 1, 3, 4]  # floor(r * 64) for r in 0.01, 0.03, 0.05, 0.07, at least one
+    paper_grid = MaskAdModel(**{**TINY, "feature_size": 14}, mask_banks=1, empty_mask=False)
+    assert paper_grid.prototype_counts == [1, 5, 9, 13]  # the authors' int(196 * r)
+    assert paper_grid.fixed_masks.shape == (1, 8, 14, 14)  # N = 3n without the zero-mask
+
+
+def test_each_image_keeps_its_own_mask_set() -> None:
+    model = MaskAdModel(**TINY)
+    features = torch.randn(6, 192, 8, 8) + torch.arange(6.0).view(6, 1, 1, 1) * 0.01
+    index = model.bank_index(features)
+    assert index.shape == (6,) and ((index >= 0) & (index < 8)).all()
+    assert len(set(index.tolist())) > 1  # different images, different sets
+    torch.testing.assert_close(model.bank_index(features[2:3]), index[2:3])  # batch-independent
+    masks = model.test_masks(torch.rand(6, 8, 8), features)
+    assert masks.shape == (6, 13, 8, 8)
+    for b in range(6):
+        assert torch.equal(masks[b, 4:], model.fixed_masks[index[b]])
+    single = MaskAdModel(**TINY, mask_banks=1).test_masks(torch.rand(6, 8, 8), features)
+    assert all(torch.equal(single[b, 4:], single[0, 4:]) for b in range(6))
+
+
+def test_gaussian_blur_keeps_constants_and_mass() -> None:
+    from anomalib_mcad.models.image.mask_ad.torch_model import gaussian_blur  # noqa: PLC0415
+
+    flat = torch.full((2, 1, 32, 32), 3.0)
+    torch.testing.assert_close(gaussian_blur(flat, 2.0), flat)
+    spike = torch.zeros(1, 1, 64, 64)
+    spike[0, 0, 32, 32] = 1.0
+    blurred = gaussian_blur(spike, 3.0)
+    assert blurred.shape == spike.shape
+    torch.testing.assert_close(blurred.sum(), torch.tensor(1.0), atol=1e-5, rtol=0)
+    assert float(blurred.max()) < 0.05 and int(blurred.argmax()) == 32 * 64 + 32
+    assert torch.equal(gaussian_blur(spike, 0.0), spike)
 
 
 def test_prototype_masks_cover_the_top_ranked_patches() -> None:
@@ -77,7 +112,8 @@ def test_prototype_masks_cover_the_top_ranked_patches() -> None:
         ({"random_ratio": 0.0}, "open interval"),
         ({"random_ratio": 0.01}, "masks no patch"),
         ({"prototype_ratio_range": (0.2, 0.1)}, "prototype mask ratios"),
-        ({"prototype_ratio_range": (0.5, 0.999)}, "mask every patch"),
+        ({"mask_banks": 0}, "mask_banks"),
+        ({"ot_weight": 1.5}, "ot_weight"),
         ({"use_rec": False, "use_assdis": False, "use_reference": False}, "at least one"),
         ({"po_ratio": 1.0}, "po_ratio"),
     ],
@@ -156,13 +192,15 @@ def test_ablation_switches_change_the_score_terms(shared: MaskAdModel) -> None:
     no_po = switched(shared, features, use_po=False)
     no_ref = switched(shared, features, use_reference=False, use_assdis=False)
     single = fitted_model(parallel=False)
+    uniform = switched(shared, features, use_reference=False)
     assert (full.assdis > 0).all()
-    assert (full.po >= 1).all()
-    torch.testing.assert_close(full.patch_score, (full.rec + full.assdis) * full.po)
-    assert (no_assdis.assdis == 0).all() and (no_assdis.refdis > 0).all()
+    assert ((full.po >= 0) & (full.po <= 1)).all()
+    torch.testing.assert_close(full.patch_score, (0.4 * full.rec + 0.6 * full.assdis) * full.po)
+    assert (no_assdis.assdis == 0).all() and (no_assdis.refdis >= 0).all() and (no_assdis.refdis > 0).any()
     assert (no_po.po == 1).all()
     assert (no_ref.refdis == 0).all() and (no_ref.assdis == 0).all()
-    torch.testing.assert_close(no_ref.patch_score, no_ref.rec * no_ref.po)
+    torch.testing.assert_close(no_ref.patch_score, 0.4 * no_ref.rec * no_ref.po)
+    assert (uniform.assdis > 0).all() and not torch.allclose(uniform.assdis, full.assdis)  # against the uniform profile
     assert single.test_masks(torch.rand(2, 8, 8)).shape == (2, 1, 8, 8)
 
 
@@ -222,13 +260,19 @@ def test_lightning_training_masks_and_memory() -> None:
         strategy, mask = module.training_masks(features)
         seen.add(strategy)
         assert mask.shape == (3, 8, 8) and mask.dtype == torch.bool
-        count = {"random": 12, "block": 9, "foreground": 16}[strategy]
+        count = {"random": 49, "block": 22, "foreground": 16}[strategy]  # floor(0.766 * 64), floor(0.358 * 64)
         assert (mask.flatten(1).sum(1) == count).all(), strategy
     assert seen == {"random", "block", "foreground"}
     module.fit_memory(features, torch.tensor([0, 1, 2]))
     assert torch.equal(torch.unique(module.model.bank.labels), torch.tensor([0, 1, 2]))
     assert module.model.bank.memory.shape[0] == 3 * 6  # 10 % of 64 patches per category
-    assert float(module.model.po_scale) > 0
+    scale = float(module.model.po_scale)
+    assert scale != 0.0 and math.isfinite(scale)  # calibrated: the training patches' best log-likelihood
+    with torch.no_grad():
+        logp = module.model.log_likelihood(features - module.model.reference(features))
+        po = module.model.po_map(logp)
+    assert float(logp.max()) == pytest.approx(scale, abs=1e-4)  # po_ratio 0: the maximum
+    assert float(po.min()) == pytest.approx(0.0, abs=1e-4) and ((po >= 0) & (po <= 1)).all()
     with pytest.raises(ValueError, match="train_strategies"):
         MaskAd(**TINY, train_strategies=("pixels",))
 

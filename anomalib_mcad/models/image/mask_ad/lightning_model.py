@@ -71,17 +71,22 @@ class MaskAd(McadModule):
         n_masks: int = 4,
         random_ratio: float = 0.2,
         block_ratio: float = 0.15,
-        prototype_ratio_range: Sequence[float] = (0.01, 0.08),
-        po_ratio: float = 0.01,
+        prototype_ratio_range: Sequence[float] = (0.01, 0.07),
+        empty_mask: bool = True,
+        mask_banks: int = 8,
+        po_ratio: float = 0.0,
         block_min_patches: int = 4,
         block_min_aspect: float = 0.3,
         mask_seed: int = 0,
-        flow_coupling: int = 4,
+        flow_coupling: int = 8,
         flow_clamp: float = 1.9,
         flow_condition_dim: int = 128,
         flow_hidden_ratio: float = 2.0,
-        sinkhorn_epsilon: float = 1.0,
-        sinkhorn_iterations: int = 50,
+        sinkhorn_epsilon: float = 0.1,
+        sinkhorn_iterations: int = 100,
+        ot_weight: float = 0.6,
+        ot_scale: float = 1e4,
+        blur_sigma: float = 7.0,
         parallel: bool = True,
         use_po: bool = True,
         use_reference: bool = True,
@@ -90,8 +95,8 @@ class MaskAd(McadModule):
         restrict_to_category: bool = False,
         normalize_features: bool = True,
         train_strategies: Sequence[TrainStrategy] = ("random", "block", "foreground"),
-        train_random_ratio: float = 0.2,
-        train_block_ratio: float = 0.15,
+        train_random_ratio: float = 0.766,
+        train_block_ratio: float = 0.358,
         foreground_max_ratio: float = 0.5,
         coreset_ratio: float = 0.1,
         calibration_maps: int = 256,
@@ -135,6 +140,8 @@ class MaskAd(McadModule):
             random_ratio=random_ratio,
             block_ratio=block_ratio,
             prototype_ratio_range=prototype_ratio_range,
+            empty_mask=empty_mask,
+            mask_banks=mask_banks,
             po_ratio=po_ratio,
             block_min_patches=block_min_patches,
             block_min_aspect=block_min_aspect,
@@ -145,6 +152,9 @@ class MaskAd(McadModule):
             flow_hidden_ratio=flow_hidden_ratio,
             sinkhorn_epsilon=sinkhorn_epsilon,
             sinkhorn_iterations=sinkhorn_iterations,
+            ot_weight=ot_weight,
+            ot_scale=ot_scale,
+            blur_sigma=blur_sigma,
             parallel=parallel,
             use_po=use_po,
             use_reference=use_reference,
@@ -163,7 +173,6 @@ class MaskAd(McadModule):
         self.mask_rng = torch.Generator().manual_seed(int(mask_seed) + 1)
         self.loss = MaskAdLoss()
         self._calibration: torch.Tensor | None = None
-        self._train_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._memory_stale = True  # the flow trained since M_po was calibrated
 
     # ------------------------------------------------------------------ setup
@@ -206,9 +215,10 @@ class MaskAd(McadModule):
         del args, kwargs
         with torch.no_grad():
             features = self.model.features(batch.image)
+            residual = features - self.model.reference(features) if not self.model.bank.is_empty else features
         strategy, mask = self.training_masks(features)
         reconstructed = self.model.reconstruct(features, mask)
-        flow_nll = self.model.flow.nll(features).mean()
+        flow_nll = self.model.flow.nll(residual).mean()
         losses = self.loss(features, reconstructed, flow_nll)
         size = batch.image.shape[0]
         self.log("train_loss", losses["loss"], on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
@@ -235,8 +245,9 @@ class MaskAd(McadModule):
         maps, labels = [], []
         for batch in batches:
             images = batch.image.to(self.device)
-            if isinstance(self.pre_processor, PreProcessor):
-                images = self.pre_processor(images)
+            if isinstance(self.pre_processor, PreProcessor) and self.pre_processor.transform is not None:
+                # the batches' own transform (antialiased resize), not the export transform
+                images = self.pre_processor.transform(images)
             features = self.model.raw_features(images) if raw else self.model.features(images)
             maps.append(features.float())
             index = getattr(batch, "category_index", None)
@@ -248,17 +259,29 @@ class MaskAd(McadModule):
         return torch.cat(maps), torch.cat(labels)
 
     @torch.no_grad()
-    def fit_memory(self, features: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> None:
-        """Build the per-category coreset (once) and calibrate M_po on training feature maps.
+    def build_bank(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Per-category k-center-greedy coreset of standardised training maps (N, C, h, w); keeps calibration maps."""
+        if labels is None:
+            labels = torch.zeros(features.shape[0], dtype=torch.long, device=features.device)
+        channels = features.shape[1]
+        tokens = features.permute(0, 2, 3, 1).reshape(-1, channels)
+        token_labels = labels.repeat_interleave(features.shape[-2] * features.shape[-1])
+        self.model.bank.fit_per_category(tokens, token_labels, self.hparams.coreset_ratio, seed=self.hparams.mask_seed)
+        generator = torch.Generator().manual_seed(int(self.hparams.mask_seed))
+        keep = torch.randperm(features.shape[0], generator=generator)[: self.hparams.calibration_maps]
+        self._calibration = features[keep.to(features.device)].detach().clone()
 
-        Without arguments the trainer's training dataloader is read. A no-op when nothing changed.
+    @torch.no_grad()
+    def fit_memory(self, features: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> None:
+        """Build the per-category coreset (if still empty) and calibrate M_po on training feature maps.
+
+        Normally the coreset is built at the start of training (the ProtoFlow trains on residuals to
+        it); without arguments the training set is read when something is missing. A no-op when
+        nothing changed.
         """
         needs_bank = self.model.bank.is_empty
         if not needs_bank and not self._memory_stale:
             return
-        if features is None and self._train_cache is not None:
-            features, labels = self._train_cache
-            self._train_cache = None
         if features is None and (needs_bank or self._calibration is None):
             batches = self._training_batches()
             if batches is None:
@@ -268,47 +291,50 @@ class MaskAd(McadModule):
                 return
             features, labels = self.collect_training_features(batches)
         if features is not None:
-            if labels is None:
-                labels = torch.zeros(features.shape[0], dtype=torch.long, device=features.device)
             if needs_bank:
-                channels = features.shape[1]
-                tokens = features.permute(0, 2, 3, 1).reshape(-1, channels)
-                token_labels = labels.repeat_interleave(features.shape[-2] * features.shape[-1])
-                self.model.bank.fit_per_category(tokens, token_labels, self.hparams.coreset_ratio, seed=self.hparams.mask_seed)
-            generator = torch.Generator().manual_seed(int(self.hparams.mask_seed))
-            keep = torch.randperm(features.shape[0], generator=generator)[: self.hparams.calibration_maps]
-            self._calibration = features[keep.to(features.device)].detach()
+                self.build_bank(features, labels)
+            else:
+                generator = torch.Generator().manual_seed(int(self.hparams.mask_seed))
+                keep = torch.randperm(features.shape[0], generator=generator)[: self.hparams.calibration_maps]
+                self._calibration = features[keep.to(features.device)].detach().clone()
         self.calibrate_po()
         self._memory_stale = False
 
     @torch.no_grad()
     def calibrate_po(self) -> None:
-        """M_po's normaliser: the flow score exceeded by ``po_ratio`` of the calibration patches."""
-        if self._calibration is None:
+        """M_po's reference: the ProtoFlow log-likelihood of the calibration patches' residuals, top ``po_ratio`` quantile (0: max)."""
+        if self._calibration is None or self.model.bank.is_empty:
             return
         was_training = self.model.training
         self.model.eval()
-        scores = torch.cat([self.model.flow.abnormality(chunk) for chunk in self._calibration.split(64)])
-        quantile = torch.quantile(scores.flatten().float(), 1.0 - self.model.po_ratio)
-        self.model.po_scale.fill_(float(quantile.clamp_min(1e-12)))
+        logp = torch.cat([self.model.log_likelihood(chunk - self.model.reference(chunk)) for chunk in self._calibration.split(32)])
+        flat = logp.flatten().float()
+        reference = flat.max() if self.model.po_ratio == 0 else torch.quantile(flat, 1.0 - self.model.po_ratio)
+        self.model.po_scale.fill_(float(reference))
         self.model.train(was_training)
 
     def on_train_start(self) -> None:
-        """Standardisation statistics from one pass over the training set (first fit only).
+        """One pass over the training set (first fit only): feature statistics, then the coreset.
 
-        The standardised features are kept for the coreset build after training (the backbone is
-        frozen, so they do not change). ``super()`` first: a resumed run continues its random streams.
+        The ProtoFlow trains on residuals to the coreset, so the coreset is built before the first
+        step (the backbone is frozen: the features do not change). ``super()`` first: a resumed run
+        continues its random streams.
         """
         super().on_train_start()
-        if not self.model.normalize_features or bool(self.model.statistics_fitted):
+        needs_stats = self.model.normalize_features and not bool(self.model.statistics_fitted)
+        if not needs_stats and not self.model.bank.is_empty:
             return
         batches = self._training_batches()
         if batches is None:
-            msg = "MaskAD needs the training dataloader to standardise its features (normalize_features=True)"
+            msg = "MaskAD needs the training dataloader to standardise its features and build its coreset"
             raise RuntimeError(msg)
         raw, labels = self.collect_training_features(batches, raw=True)
-        self.model.fit_feature_statistics(raw)
-        self._train_cache = ((raw - self.model.feature_mean) / self.model.feature_std, labels)
+        if needs_stats:
+            self.model.fit_feature_statistics(raw)
+        features = (raw - self.model.feature_mean) / self.model.feature_std if self.model.normalize_features else raw
+        del raw
+        if self.model.bank.is_empty:
+            self.build_bank(features, labels)
 
     def on_validation_start(self) -> None:
         """Build/refresh the coreset and M_po before scoring."""
