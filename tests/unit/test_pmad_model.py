@@ -269,14 +269,15 @@ def test_deploy_category_fixes_the_exported_ratio_and_survives_checkpoint_loadin
 
 def test_table5_optimisers_and_schedules() -> None:
     """Defaults and the two optimisers a fit builds: MIM AdamW 1.5e-3 -> 1e-5 cosine, 10 warm-up epochs,
-    wd 0.05 (not on biases/norms/tokens), clip 3.0, 300 epochs; flow Adam 2e-4, 2 warm-up epochs from lr/10,
-    cosine to lr x 0.1^3 over 200 epochs; 4 couplings, clamp 1.9, 128-d condition, 1 % coreset."""
+    wd 0.05 (not on biases/norms/tokens), clip 3.0, 300 epochs; flow Adam 2e-4, 16 warm-up epochs from lr/10 (the
+    authors' 2 meta-epochs of 8 sub-epochs), cosine to lr x 0.1^3 over 200 epochs; 4 couplings, clamp 1.9, 128-d
+    condition, 1 % coreset."""
     import inspect
     from types import SimpleNamespace
 
     defaults = {k: v.default for k, v in inspect.signature(Pmad.__init__).parameters.items()}
     table5 = {"lr": 1.5e-3, "min_lr": 1e-5, "warmup_epochs": 10, "weight_decay": 0.05, "betas": (0.9, 0.999),
-              "gradient_clip_val": 3.0, "flow_lr": 2e-4, "flow_epochs": 200, "flow_warmup_epochs": 2, "flow_lr_decay": 0.1,
+              "gradient_clip_val": 3.0, "flow_lr": 2e-4, "flow_epochs": 200, "flow_warmup_epochs": 16, "flow_lr_decay": 0.1,
               "n_coupling": 4, "clamp": 1.9, "condition_dim": 128, "coreset_ratio": 0.01, "proto_backbone": "tf_efficientnet_b6",
               "sigma": 4.0, "image_size": 224, "patch_size": 16, "min_mask_patches": 4, "min_aspect": 0.3,
               "dynamic_start_epoch": 100, "init_values": 0.1, "drop_path": 0.1}  # fmt: skip
@@ -301,5 +302,66 @@ def test_table5_optimisers_and_schedules() -> None:
     assert mim_lr[-1] == pytest.approx(1e-5, rel=1e-2) and mim_lr[0] < 1e-5
     assert all(a >= b for a, b in zip(mim_lr[10 * per_epoch :], mim_lr[10 * per_epoch + 1 :], strict=False))  # cosine decay
     assert flow_lr[0] == pytest.approx(2e-5)  # warm-up from lr / 10
-    assert max(flow_lr) <= 2e-4 and flow_lr[2 * per_epoch] == pytest.approx(max(flow_lr), rel=1e-3)
+    assert max(flow_lr) <= 2e-4 and flow_lr[16 * per_epoch] == pytest.approx(max(flow_lr), rel=1e-3)
+    assert flow_lr[16 * per_epoch - 1] < flow_lr[16 * per_epoch]  # still warming up at the end of epoch 15
     assert flow_lr[200 * per_epoch] == pytest.approx(2e-4 * 1e-3) and flow_lr[-1] == pytest.approx(2e-4 * 1e-3)
+
+
+def test_fast_kcenter_is_the_shared_kcenter_greedy() -> None:
+    """ProtoFlow's matvec k-center greedy picks the same rows as components.coreset (exact distances, same start)."""
+    from anomalib_mcad.models.components.coreset import kcenter_greedy_indices
+    from anomalib_mcad.models.image.pmad.protoflow import fast_kcenter_indices
+
+    rows = torch.randn(600, 24, generator=torch.Generator().manual_seed(0))
+    for seed in (0, 3):
+        fast = fast_kcenter_indices(rows, 0.05, seed=seed)
+        assert fast.shape == (30,) and fast.unique().numel() == 30
+        assert torch.equal(fast, kcenter_greedy_indices(rows, sampling_ratio=0.05, seed=seed))
+
+
+def test_heldout_residual_skips_the_images_own_prototypes() -> None:
+    """With every patch a prototype, plain training residuals are all exactly zero; held-out ones are the
+    residual to the nearest patch of ANOTHER image (of the same category when given), never zero."""
+    from anomalib_mcad.models.image.pmad.protoflow import ProtoFlow
+
+    torch.manual_seed(0)
+    pf = ProtoFlow("efficientnet_lite0", (2, 3), False, n_coupling=2, condition_dim=16, coreset_ratio=1.0)
+    images = torch.rand(4, 3, 64, 64)
+    emb = pf.embed(images)
+    per = emb.shape[-2] * emb.shape[-1]
+    rows = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+    category = torch.tensor([0, 0, 0, 1])
+    sources = torch.arange(4).repeat_interleave(per)
+    prototypes, labels, kept = pf.fit_prototypes(rows, category.repeat_interleave(per), sources=sources)
+    pf.set_prototypes(prototypes, labels, kept)
+    assert pf.residual(emb).abs().max() == 0
+    held = pf.heldout_residual(emb, None, torch.arange(4))
+    dist = torch.cdist(rows, rows) + torch.where(sources[:, None] == sources[None, :], float("inf"), 0.0)
+    expected = (rows - rows[dist.argmin(dim=1)]).reshape(4, *emb.shape[-2:], -1).permute(0, 3, 1, 2)
+    torch.testing.assert_close(held, expected, rtol=1e-4, atol=1e-4)
+    assert (held.norm(dim=1) > 0).all()
+    # own category: images 0-2 search each other; image 3 is alone in its category, so it keeps its own patches
+    held_cat = pf.heldout_residual(emb, category, torch.arange(4))
+    same = (category.repeat_interleave(per)[:, None] == category.repeat_interleave(per)[None, :])
+    dist_cat = torch.cdist(rows, rows).masked_fill(~same, float("inf")) + torch.where(sources[:, None] == sources[None, :], float("inf"), 0.0)
+    nearest = dist_cat[: 3 * per].argmin(dim=1)
+    torch.testing.assert_close(held_cat[:3], (rows[: 3 * per] - rows[nearest]).reshape(3, *emb.shape[-2:], -1).permute(0, 3, 1, 2), rtol=1e-4, atol=1e-4)
+    assert held_cat[3].abs().max() == 0
+    # unknown sources exclude nothing: the plain residual
+    torch.testing.assert_close(pf.heldout_residual(emb, category, None), pf.residual(emb, category))
+
+
+def test_flow_training_views_are_random_resized_crops_and_flips() -> None:
+    """The authors' ProtoFlow training transform: each image a different crop of area 0.2-1 resized back, flipped half the time."""
+    from anomalib_mcad.models.image.pmad.protoflow import augmented_views
+
+    torch.manual_seed(0)
+    ramp = torch.linspace(0, 1, 64).expand(3, 64, 64)  # brightness grows to the right
+    images = ramp.unsqueeze(0).repeat(32, 1, 1, 1)
+    views = augmented_views(images)
+    assert views.shape == images.shape
+    assert not torch.allclose(views[0], views[1])
+    flipped = (views[..., 0] > views[..., -1]).all(dim=(1, 2))  # brighter on the left: flipped
+    assert 5 <= int(flipped.sum()) <= 27
+    torch.manual_seed(0)
+    torch.testing.assert_close(augmented_views(images), views)  # torch's RNG makes it reproducible

@@ -6,14 +6,19 @@ Training phases inside one fit (manual optimisation, two optimisers):
   training set; a k-center-greedy coreset of each category's patch features becomes the
   prototype pool. (The backbone is frozen, so this is exactly the authors' separate
   ``generate_prototypes.py`` step.)
-* **Every step of epochs 0 .. flow_epochs-1**: ProtoFlow's flow takes one step on the batch's
-  residual features (Adam, its own warm-up + cosine schedule, Table 5); afterwards it is frozen.
+* **Every step of epochs 0 .. flow_epochs-1**: ProtoFlow's flow takes one step on the residual
+  features of an augmented view of the batch (RandomResizedCrop 0.2-1 + flip, the authors'
+  transform), each patch minus its nearest prototype of the image's own category that does not
+  come from the image itself (Adam, its own warm-up + cosine schedule, Table 5); afterwards it is frozen.
 * **Every step of every epoch**: the masked image model takes one step (AdamW, warm-up + cosine,
   clip 3.0, Table 5) on masks from the combinational strategy (appendix B) at the image's
   category mask ratio (Table 6, as the authors' training does); dynamic weights and the
   rank-based loss weights start at ``dynamic_start_epoch`` (epoch 100 of 300 in the authors' code).
-* **Along every epoch**: the smallest training-patch NLL of the epoch so far is ProtoFlow's
-  likelihood reference (the constant that replaces the authors' test-set maximum).
+* **After the flow's last epoch**: every training patch's held-out residual (nearest prototype of
+  another image) goes through the flow; the ``reference_quantile`` of those NLLs (the minimum by
+  default) is ProtoFlow's likelihood reference, the constant that replaces the authors' test-set
+  maximum of ``log p / C``. (Until then a provisional reference, the smallest NLL of the epoch's
+  flow inputs, lets a validation run.)
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from anomalib_mcad.models.components.optim import WarmupCosineLR
 from anomalib_mcad.models.components.pre_processing import resize_crop_normalize
 from anomalib_mcad.models.components.validation import check_images
 from anomalib_mcad.models.components.weights import PretrainedArg
+from anomalib_mcad.models.image.pmad.protoflow import augmented_views
 from anomalib_mcad.models.image.pmad.torch_model import MVTEC_MASK_RATIOS, PmadModel, TokenizerType
 
 
@@ -71,7 +77,19 @@ class Pmad(McadModule):
         lr, min_lr, warmup_epochs, weight_decay, betas, gradient_clip_val: MIM optimiser
             (1.5e-3, 1e-5, 10, 0.05, (0.9, 0.999), 3.0; Table 5).
         flow_lr, flow_epochs, flow_warmup_epochs, flow_lr_decay: ProtoFlow optimiser (Adam 2e-4,
-            200 epochs, 2 warm-up epochs, cosine down to lr x 0.1^3; Table 5).
+            200 epochs, cosine down to lr x 0.1^3; Table 5). Warm-up 16 epochs: Table 5's "2" counts
+            the authors' meta-epochs of 8 sub-epochs each (``--meta-epochs 25 --sub-epochs 8``), i.e.
+            8 % of the flow's training; shorter runs should keep that share.
+        flow_augment: the flow trains on augmented views (RandomResizedCrop area 0.2-1, horizontal
+            flip; the authors' ProtoFlow training transform), not on the images the prototypes came from.
+        flow_holdout: a training patch's residual excludes prototypes of its own image (leave-one-
+            image-out), so no residual is the exact zero of a patch that is its own prototype.
+        flow_search: prototypes searched for the flow's training residuals: ``"category"`` (the
+            image's own category, the authors' ``generate_prototype``) or ``"all"``.
+        reference_quantile: ProtoFlow's likelihood reference is this quantile of the held-out
+            NLLs of all training patches after the flow's training (0.0: their minimum, the
+            inductive analogue of the authors' most likely test patch). ``None``: the older rule
+            (smallest NLL of the flow's training inputs in the last epoch).
         sigma: Gaussian smoothing (4).
         seed: seeds the training mask generator.
     """
@@ -114,8 +132,12 @@ class Pmad(McadModule):
         gradient_clip_val: float = 3.0,
         flow_lr: float = 2e-4,
         flow_epochs: int = 200,
-        flow_warmup_epochs: int = 2,
+        flow_warmup_epochs: float = 16,
         flow_lr_decay: float = 0.1,
+        flow_augment: bool = True,
+        flow_holdout: bool = True,
+        flow_search: Literal["all", "category"] = "category",
+        reference_quantile: float | None = 0.0,
         sigma: float = 4.0,
         seed: int = 0,
         per_category_metrics: bool = True,
@@ -124,8 +146,12 @@ class Pmad(McadModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if prototype_search not in ("all", "category"):
-            msg = f"prototype_search must be 'all' or 'category', got {prototype_search!r}"
+        for name, value in (("prototype_search", prototype_search), ("flow_search", flow_search)):
+            if value not in ("all", "category"):
+                msg = f"{name} must be 'all' or 'category', got {value!r}"
+                raise ValueError(msg)
+        if reference_quantile is not None and not 0.0 <= float(reference_quantile) <= 1.0:
+            msg = f"reference_quantile must lie in [0, 1] (or be None), got {reference_quantile}"
             raise ValueError(msg)
         ratios = dict(MVTEC_MASK_RATIOS if mask_ratios is None else mask_ratios)
         for name, ratio in [*ratios.items(), ("default_mask_ratio", default_mask_ratio)]:
@@ -166,6 +192,7 @@ class Pmad(McadModule):
         self.errors = PatchErrorRecorder(1, self.model.grid)
         self._mask_rng = torch.Generator().manual_seed(seed)
         self._new_epoch = True
+        self._reference_fitted = False
 
     # ------------------------------------------------------------------ set-up
     def configure_pre_processor(self, image_size: tuple[int, int] | None = None) -> PreProcessor:  # type: ignore[override]
@@ -232,19 +259,50 @@ class Pmad(McadModule):
         return transform(images) if transform is not None else images
 
     @torch.no_grad()
-    def _collect_embeddings(self, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN401
-        rows, labels = [], []
+    def _collect_embeddings(self, loader: Any, sources: bool = False) -> tuple[torch.Tensor, ...]:  # noqa: ANN401
+        """Patch rows (N, C) and category labels (N,) of every image; with ``sources`` also each row's image number (N,).
+
+        With ``sources`` the image paths are remembered (``self._train_sources``: path -> number), so
+        training batches can exclude their own image's prototypes (held-out residuals).
+        """
+        rows, labels, numbers = [], [], []
+        if sources:
+            self._train_sources = {}
+        count = 0
         for batch in loader:
             images = self._transform(batch.image.to(self.device))
             emb = self.model.protoflow.embed(images)
             flat = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
             index = self._category_index(batch).to(self.device)
+            per = emb.shape[-2] * emb.shape[-1]
             rows.append(flat.cpu())
-            labels.append(index.repeat_interleave(emb.shape[-2] * emb.shape[-1]).cpu())
+            labels.append(index.repeat_interleave(per).cpu())
+            ids = torch.arange(count, count + emb.shape[0])
+            numbers.append(ids.repeat_interleave(per))
+            if sources:
+                for path, number in zip(self._paths(batch), ids.tolist(), strict=True):
+                    if path is not None:
+                        self._train_sources[path] = number
+            count += emb.shape[0]
         if not rows:
             msg = "PMAD got an empty training set: ProtoFlow's prototype pool needs normal training images"
             raise ValueError(msg)
+        if sources:
+            return torch.cat(rows), torch.cat(labels), torch.cat(numbers)
         return torch.cat(rows), torch.cat(labels)
+
+    @staticmethod
+    def _paths(batch: Batch) -> list[str | None]:
+        paths = getattr(batch, "image_path", None)
+        size = batch.image.shape[0]
+        if paths is None or isinstance(paths, str):
+            return [paths] * size
+        return [str(p) for p in paths]
+
+    def _sources(self, batch: Batch) -> torch.Tensor:
+        """Training-image number of each batch image (-1: unknown, nothing excluded)."""
+        table = getattr(self, "_train_sources", None) or {}
+        return torch.tensor([table.get(p, -1) if p is not None else -1 for p in self._paths(batch)], dtype=torch.long)
 
     def on_train_start(self) -> None:
         """Prototype pool from the whole training set (frozen backbone), before the first step."""
@@ -262,9 +320,9 @@ class Pmad(McadModule):
             self.errors = PatchErrorRecorder(count, self.model.grid).to(self.device)
         if self.model.protoflow.is_fitted:
             return  # resumed from a checkpoint
-        embeddings, labels = self._collect_embeddings(full_training_loader(self.trainer))
-        prototypes, kept = self.model.protoflow.fit_prototypes(embeddings, labels)
-        self.model.protoflow.set_prototypes(prototypes, kept)
+        embeddings, labels, sources = self._collect_embeddings(full_training_loader(self.trainer), sources=True)
+        prototypes, kept, kept_sources = self.model.protoflow.fit_prototypes(embeddings, labels, sources=sources)
+        self.model.protoflow.set_prototypes(prototypes, kept, kept_sources)
 
     def _add_support_prototypes(self) -> None:
         """Prototypes of test categories without any, from the datamodule's k-shot support set."""
@@ -349,8 +407,8 @@ class Pmad(McadModule):
         self.errors.update(gather_rows(self._category_index(batch)), gather_rows(mask), gather_rows(per_patch))
 
         # ProtoFlow
-        residual = model.protoflow.residual(embedding)
         if self.current_epoch < self.hparams.flow_epochs:
+            residual = self._flow_residual(batch, images, embedding)
             nll = model.protoflow.nll(residual)
             flow_loss = model.protoflow.loss(nll)
             flow_opt.zero_grad()
@@ -360,13 +418,15 @@ class Pmad(McadModule):
             nll = nll.detach()
         else:
             with torch.no_grad():
-                nll = model.protoflow.nll(residual)
+                nll = model.protoflow.nll(model.protoflow.residual(embedding))
             flow_loss = model.protoflow.loss(nll)
-        # likelihood reference: smallest training-patch NLL of the current epoch so far (so the
-        # validation at the end of an epoch sees the whole epoch's value)
-        reference = self.model.protoflow.reference_nll
-        batch_min = reduce_min(nll.min().to(reference))
-        reference.copy_(batch_min if self._new_epoch or not torch.isfinite(reference) else torch.minimum(reference, batch_min))
+        # provisional likelihood reference (smallest NLL of the epoch's flow inputs so far), so a
+        # validation inside training has one; with ``reference_quantile`` it is replaced by the
+        # held-out quantile when the flow's training ends (_fit_reference)
+        if self.hparams.get("reference_quantile") is None or not self._reference_fitted:
+            reference = self.model.protoflow.reference_nll
+            batch_min = reduce_min(nll.min().to(reference))
+            reference.copy_(batch_min if self._new_epoch or not torch.isfinite(reference) else torch.minimum(reference, batch_min))
         self._new_epoch = False
 
         accuracy = (logits.argmax(-1) == targets[mask]).float().mean()
@@ -380,6 +440,75 @@ class Pmad(McadModule):
     def on_train_epoch_start(self) -> None:
         """The likelihood reference restarts with each epoch (the flow changed)."""
         self._new_epoch = True
+
+    def _flow_residual(self, batch: Batch, images: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """Residual features the flow trains on (eq. 7).
+
+        ``flow_augment``: an augmented view of each image (RandomResizedCrop 0.2-1, flip; the
+        authors' ProtoFlow training transform) instead of the image itself. ``flow_search="category"``:
+        the nearest prototype of the image's own category (the authors' ``generate_prototype``).
+        ``flow_holdout``: prototypes taken from the image itself are excluded, so no residual is
+        the exact zero of a patch that is its own prototype (about 1 % of them with a 1 % coreset)
+        and none is shrunk by a neighbouring patch of the same image: the residuals follow the
+        distribution of unseen normal images'.
+        """
+        hp = self.hparams
+        protoflow = self.model.protoflow
+        if hp.get("flow_augment", False):
+            embedding = protoflow.embed(augmented_views(images))
+        category = self._category_index(batch) if hp.get("flow_search", "all") == "category" and self._searchable(batch) else None
+        if hp.get("flow_holdout", False):
+            return protoflow.heldout_residual(embedding, category, self._sources(batch))
+        return protoflow.residual(embedding, category)
+
+    def _searchable(self, batch: Batch) -> bool:
+        """True when every image's category has prototypes (its own pool can be searched)."""
+        if getattr(batch, "category_index", None) is None:
+            return False
+        present = set(self.model.protoflow.bank.labels.tolist())
+        return all(int(i) in present for i in self._category_index(batch).tolist())
+
+    @torch.no_grad()
+    def _fit_reference(self) -> None:
+        """ProtoFlow's likelihood reference from held-out residuals of the training images.
+
+        Every training patch's residual to the nearest prototype of another image (its own
+        category's pool, as at training), through the trained flow; the reference is the
+        ``reference_quantile`` of those NLLs (0: their minimum, the analogue of the authors' most
+        likely TEST patch, but on normal training images scored as if unseen).
+        """
+        protoflow = self.model.protoflow
+        values = []
+        for batch in full_training_loader(self.trainer):
+            images = self._transform(batch.image.to(self.device))
+            category = self._category_index(batch).to(self.device) if self.hparams.get("flow_search", "all") == "category" and self._searchable(batch) else None
+            residual = protoflow.heldout_residual(protoflow.embed(images), category, self._sources(batch))
+            values.append(protoflow.nll(residual).flatten().float().cpu())
+        nll = torch.cat(values)
+        q = float(self.hparams.reference_quantile)
+        # torch.quantile is limited to 2**24 values; a strided subsample keeps larger sets exact enough
+        step = max(1, nll.numel() // (1 << 24) + 1) if nll.numel() > (1 << 24) else 1
+        value = nll.min() if q == 0.0 else torch.quantile(nll[::step], q)
+        protoflow.reference_nll.copy_(value.to(protoflow.reference_nll))
+        self._reference_fitted = True
+
+    def on_train_epoch_end(self) -> None:
+        """After the flow's last training epoch (or the fit's last epoch), fit the held-out reference."""
+        if self.hparams.get("reference_quantile") is None or self._reference_fitted:
+            return
+        trainer = self.trainer
+        last_flow = self.current_epoch + 1 >= self.hparams.flow_epochs
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+        steps_done = trainer.max_steps is not None and trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps
+        last_fit = (max_epochs is not None and self.current_epoch + 1 >= max_epochs) or steps_done or trainer.should_stop
+        if last_flow or last_fit:
+            self._fit_reference()
+
+    def on_train_end(self) -> None:
+        """Fit the held-out reference if training stopped before an epoch end that did (e.g. max_steps)."""
+        super().on_train_end()
+        if self.hparams.get("reference_quantile") is not None and not self._reference_fitted:
+            self._fit_reference()
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[torch.optim.lr_scheduler.LRScheduler]]:
         """AdamW + warm-up/cosine for the MIM; Adam + warm-up/cosine for ProtoFlow's flow (Table 5)."""
