@@ -91,11 +91,14 @@ def test_every_config_parses_into_the_model_and_datamodule(train_parser: Any, mv
             with torch.device("meta"):  # shapes and argument checks without initialising ~200 M weights
                 built[key] = Pmad(**offline)
         model = built[key]
-        assert model.model.tokenizer.vocab_size == (64 if relative == "tiny_cpu.yaml" else 8192), relative
+        assert model.model.tokenizer.vocab_size == (64 if relative in ("tiny_cpu.yaml", "elpv_cpu.yaml") else 8192), relative
 
         # the datamodule, on the stand-in root
         if data_args["dataset"] == "mvtec_ad":
             data = MultiClassDataModule(**{**data_args, "root": mvtec_root})
+        elif data_args["dataset"] == "elpv":  # read from the installed elpv-dataset package
+            data = MultiClassDataModule(**data_args)
+            assert data.train_categories == ["mono", "poly"], relative
         else:  # the tiny config reads an MVTec-layout folder of any categories
             root = tmp_path / "synthetic"
             (root / "brick" / "train" / "good").mkdir(parents=True, exist_ok=True)
@@ -113,7 +116,7 @@ def test_every_config_parses_into_the_model_and_datamodule(train_parser: Any, mv
         if relative.startswith("cross_class/leave_out_"):
             # the held-out category's mask ratio is its Table 6 value (the config keeps Table 6)
             assert model.mask_ratio(test[0]) == MVTEC_MASK_RATIOS[test[0]], relative
-    assert len(built) == 2  # the paper-size model shared by every MVTec-AD config, and the tiny one
+    assert len(built) == 3  # the paper-size model shared by every MVTec-AD config, the tiny one and the ELPV CPU one
 
 
 def test_settings_command_writes_the_files(tmp_path: Path) -> None:
