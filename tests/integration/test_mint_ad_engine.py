@@ -92,7 +92,7 @@ def test_learning_on_real_features(tmp_path: Path, cpu_engine: Any) -> None:
     """Short CPU training with real ImageNet features (EfficientNet-Lite0 from its PyPI package).
 
     Four synthetic categories (two textures, two objects), 200 steps: the total loss falls, the
-    classification head recognises held-out normal test images clearly above chance (1/4), and
+    classification head recognises at least 90 % of the held-out normal test images, and
     the mean per-category image AUROC is above 0.55. Why that floor: the recipe trains for
     1,000 epochs; after 200 CPU steps the reconstruction is still coarse (4 x 4 grid at
     64 px), so the check is "clearly better than chance (0.5)", measured 0.58 on this setup. For
@@ -133,7 +133,9 @@ def test_learning_on_real_features(tmp_path: Path, cpu_engine: Any) -> None:
     accuracy = float((predicted[normal] == categories[normal]).mean())
     aurocs = [roc_auc_score(labels[categories == c], scores[categories == c]) for c in range(4)]
     print(f"held-out normal classification accuracy {accuracy:.3f}; image AUROC per category {np.round(aurocs, 3)}")
-    # Chance is 0.25. Measured 0.75 on one install and 0.50 on a fresh one (same code and seed; the
-    # packages PyPI served differ), so the floor asks for clearly better than chance, not a value.
-    assert accuracy >= 0.45, accuracy
+    # Chance is 0.25; a nearest-centroid classifier on the same frozen features gets 24/24. With the head on
+    # the centred log of the class token (issue 16) the head gets 1.00 at seeds 0, 1, 2 (before: 0.75 / 0.50).
+    assert accuracy >= 0.9, accuracy
+    # Untrained model (same data, seeds 0/1/2): mean image AUROC 0.517 / 0.513 / 0.538, max 0.538.
+    # Trained (200 steps, seeds 0/1/2): 0.579 / 0.588 / 0.596. The floor sits between the two.
     assert np.mean(aurocs) > 0.55, aurocs

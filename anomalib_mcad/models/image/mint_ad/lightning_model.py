@@ -36,10 +36,11 @@ class MintAd(McadModule):
     Args:
         backbone, pretrained, stages, feature_size, prompt_type, hidden_dim, num_heads,
         ffn_dim, dropout, num_encoder_layers, num_decoder_layers, token_dim, jitter_scale,
-        jitter_prob: see :class:`MintAdModel`.
+        jitter_prob, head_on_log_token, query_every_layer, score, feature_norm: see :class:`MintAdModel`.
         num_classes: training categories; ``None`` takes the datamodule's
             ``num_train_categories`` when training starts (stored in the checkpoint).
         ce_weight, prior_weight: ``lambda_a`` = 1.0 and ``lambda_b`` = 0.1 of eq. 6.
+        prior_detach: the prior NLL does not pull the adapted features (only the distribution learns).
         lr, weight_decay, betas: AdamW (1e-4, 1e-4, (0.9, 0.999)).
         lr_drop_at, lr_drop_factor: the rate is multiplied by 0.1 after 80 % of the training
             steps (800 of 1,000 epochs in the paper).
@@ -65,7 +66,7 @@ class MintAd(McadModule):
         token_dim: int = 32,
         jitter_scale: float = 20.0,
         jitter_prob: float = 1.0,
-        head_on_log_token: bool = False,
+        head_on_log_token: bool = True,
         query_every_layer: bool = False,
         score: ScoreType = "max",
         feature_norm: bool = False,
@@ -129,7 +130,7 @@ class MintAd(McadModule):
             token_dim=hp.token_dim,
             jitter_scale=hp.jitter_scale,
             jitter_prob=hp.jitter_prob,
-            head_on_log_token=hp.get("head_on_log_token", False),
+            head_on_log_token=hp.get("head_on_log_token", True),
             query_every_layer=hp.get("query_every_layer", False),
             score=hp.get("score", "max"),
             feature_norm=hp.get("feature_norm", False),
