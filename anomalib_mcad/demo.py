@@ -69,9 +69,35 @@ def save_figure(path: Path, image: np.ndarray, anomaly_map: np.ndarray, gt_mask:
     plt.close(fig)
 
 
-#: Our models' CPU settings for the demo: the ``model`` and ``trainer`` sections of
-#: ``configs/<model>/elpv_cpu.yaml`` (a test keeps the two equal).
-ELPV_MODELS: dict[str, dict[str, Any]] = {}
+#: Where each of our CNN models keeps its ELPV CPU settings (anomalib CLI form): the demo reads its
+#: ``model`` and ``trainer`` sections, so the demo, ``configs/compare/elpv_cpu.yaml`` (a test keeps
+#: them equal) and ``anomalib train --config configs/<model>/elpv_cpu.yaml`` train the same model.
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ELPV_MODELS = ("mask_ad", "pmad", "mint_ad")
+
+
+def elpv_settings(model: str) -> dict[str, Any]:
+    """``{class_path, init_args, trainer}`` of ``configs/<model>/elpv_cpu.yaml``.
+
+    Raises:
+        ValueError: unknown model.
+        FileNotFoundError: the configs folder is not there (the package was installed without its source tree).
+    """
+    import yaml  # noqa: PLC0415
+
+    if model not in ELPV_MODELS:
+        msg = f"no ELPV demo settings for model '{model}'; choose one of {list(ELPV_MODELS)}"
+        raise ValueError(msg)
+    path = CONFIGS / model / "elpv_cpu.yaml"
+    if not path.is_file():
+        msg = f"{path} not found: the ELPV demo reads the repository's configs; install from a checkout (pip install -e .)"
+        raise FileNotFoundError(msg)
+    config = yaml.safe_load(path.read_text())
+    trainer = {k: v for k, v in config.get("trainer", {}).items() if k in ("max_steps", "max_epochs", "check_val_every_n_epoch", "gradient_clip_val")}
+    if "max_epochs" in trainer:
+        trainer.setdefault("max_steps", -1)  # an epoch budget: no step limit from the comparison's common trainer
+    return {"class_path": config["model"]["class_path"], "init_args": dict(config["model"].get("init_args") or {}), "trainer": trainer}
+
 
 #: The model the demo trains unless told otherwise: the best of ours on ELPV (README, "Accuracy").
 ELPV_DEFAULT_MODEL = "mask_ad"
@@ -111,12 +137,9 @@ def patchcore_entry(image_size: int, coreset: float, per_category: bool = True) 
 
 
 def our_entry(model: str) -> dict[str, Any]:
-    """One of our models with its ELPV CPU settings (:data:`ELPV_MODELS`)."""
-    if model not in ELPV_MODELS:
-        msg = f"no ELPV demo settings for model '{model}'; choose one of {sorted(ELPV_MODELS)}"
-        raise ValueError(msg)
-    entry = ELPV_MODELS[model]
-    return {"class_path": entry["class_path"], "name": f"{entry['class_path'].split('.')[-1]} (ours, Lite0, once for all)", "init_args": dict(entry["init_args"]), "trainer": dict(entry["trainer"])}
+    """One of our models as a comparison entry, with its ELPV CPU settings (:func:`elpv_settings`)."""
+    entry = elpv_settings(model)
+    return {**entry, "name": f"{entry['class_path'].split('.')[-1]} (ours, Lite0, once for all)"}
 
 
 def run_elpv_demo(settings: ElpvDemoSettings | None = None) -> dict[str, Path]:

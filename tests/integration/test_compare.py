@@ -72,7 +72,7 @@ def report(synthetic_root: Path, tiny_dinomaly_kwargs: dict[str, Any], tmp_path_
             {
                 "class_path": "anomalib.models.Padim",
                 "name": "padim per category",
-                "init_args": {"backbone": "efficientnet_lite0", "pre_trained": False, "layers": ["blocks.1", "blocks.2"], "pre_processor": {
+                "init_args": {"backbone": "efficientnet_lite0", "pre_trained": False, "layers": ["blocks.1", "blocks.2"], "n_features": 32, "pre_processor": {
                     "class_path": "anomalib.pre_processing.PreProcessor",
                     "init_args": {"transform": {"class_path": "torchvision.transforms.v2.Resize", "init_args": {"size": [64, 64]}}},
                 }},

