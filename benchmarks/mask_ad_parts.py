@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).parent))
 from accuracy import datamodule  # noqa: E402
 
+from anomalib_mcad.models.components.sinkhorn import sinkhorn  # noqa: E402
 from anomalib_mcad.models.image.mask_ad.torch_model import gaussian_blur  # noqa: E402
 
 
@@ -56,12 +57,42 @@ def scores(model, feats):  # noqa: ANN001, ANN201
     return {k: torch.cat([getattr(p, k) for p in parts]) for k in ("rec", "assdis", "refdis", "po", "combined")}
 
 
+@torch.no_grad()
+def legacy(model, feats):  # noqa: ANN001, ANN201
+    """The previous scoring on the same reconstructions: Rec = mean squared error summed over channels,
+    AssDis = per-patch N x N OT (epsilon 1) on |RMSE_h_i - RMSE_r_j|; and how uniform each OT plan is."""
+    rec, assdis, dev_old, dev_new = [], [], [], []
+    for f in feats.split(16):
+        ref = model.reference(f)
+        masks = model.test_masks(model.po_map(model.log_likelihood(f - ref)), f)
+        b, c, hh, ww = f.shape
+        n = masks.shape[1]
+        x = torch.stack([f, ref], 1).unsqueeze(2).expand(-1, -1, n, -1, -1, -1).reshape(-1, c, hh, ww)
+        m = masks.unsqueeze(1).expand(-1, 2, -1, -1, -1).reshape(-1, hh, ww)
+        sq = (x - model.reconstruct(x, m)).pow(2).reshape(b, 2, n, c, hh, ww)
+        rec.append(sq[:, 0].sum(2).mean(1))
+        rmse = sq.mean(3).sqrt()
+        e_h, e_r = rmse[:, 0].permute(0, 2, 3, 1), rmse[:, 1].permute(0, 2, 3, 1)
+        cost = (e_h.unsqueeze(-1) - e_r.unsqueeze(-2)).abs()
+        plan = sinkhorn(cost, 1.0, 50)
+        assdis.append((plan * cost).sum((-1, -2)))
+        dev_old.append((plan * n * n - 1).abs().mean((-1, -2)).flatten())  # 0 = uniform plan
+        l2 = sq.sum(3).sqrt()
+        ph, pr = l2[:, 0].flatten(2).transpose(1, 2), l2[:, 1].flatten(2).transpose(1, 2)
+        cos = (1 - torch.nn.functional.cosine_similarity(ph.unsqueeze(2), pr.unsqueeze(1), dim=-1)).clamp_min(0)
+        plan2 = sinkhorn(cos, model.sinkhorn_epsilon, model.sinkhorn_iterations)
+        k = cos.shape[-1]
+        dev_new.append((plan2 * k * k - 1).abs().mean((-1, -2)))
+    return torch.cat(rec), torch.cat(assdis), torch.cat(dev_old), torch.cat(dev_new)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("path")
     p.add_argument("--dataset", default="elpv")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--synthetic-root", default=str(Path(tempfile.gettempdir()) / "mcad_synthetic_acc"))
+    p.add_argument("--legacy", action="store_true", help="also the previous Rec/AssDis formulas on the same reconstructions")
     p.add_argument("--extra", action="store_true", help="also the one-mask-set, uniform-profile and no-zero-mask passes")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
@@ -96,6 +127,13 @@ def main() -> None:
     show("Rec x M_po", image(s["rec"], s["po"]), y, cats)
     show("AssDis x M_po", image(s["assdis"], s["po"]), y, cats)
     show("AssDis + Rec equal weights x M_po", image(0.5 * s["assdis"] + 0.5 * s["rec"], s["po"]), y, cats)
+    if args.legacy:
+        rec_sq, ad_old, dev_old, dev_new = legacy(model, h)
+        print(f"previous scoring: Rec (sum of squares) median {rec_sq.median():.4g}, AssDis (RMSE, eps 1) median {ad_old.median():.4g}, ratio {float(ad_old.median() / rec_sq.median()):.2g}")
+        print(f"OT plan deviation from uniform, mean |M * n^2 - 1|: previous (per patch, eps 1) {dev_old.median():.3g}; authors' (across patches, cosine, eps {model.sinkhorn_epsilon}) {dev_new.median():.3g}")
+        show("previous: Rec + AssDis (no M_po, no blur)", (rec_sq + ad_old).flatten(1).amax(1), y, cats)
+        show("previous: Rec alone (no blur)", rec_sq.flatten(1).amax(1), y, cats)
+        show("previous: AssDis alone (no blur)", ad_old.flatten(1).amax(1), y, cats)
     if args.extra:
         fixed = model.fixed_masks
         model.fixed_masks = fixed[:1]
