@@ -71,6 +71,7 @@ def run(args: argparse.Namespace, categories: list[str] | None, synthetic_root: 
         kwargs["proto_pretrained" if args.model == "pmad" else "pretrained"] = LITE0
         kwargs.update({k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
         model = get_model(args.model, **kwargs)
+        model.per_category_metrics = False  # the table comes from the Engine's callback below
         trainer = {"max_epochs": args.epochs, "max_steps": -1} if args.epochs else {"max_steps": args.steps}
     metrics = PerCategoryMetrics(print_table=False)
     engine = Engine(logger=False, default_root_dir=tempfile.mkdtemp(prefix="acc_"), accelerator="cpu", devices=1, callbacks=[metrics], enable_progress_bar=False, enable_model_summary=False, check_val_every_n_epoch=10_000, num_sanity_val_steps=0, **trainer)
