@@ -1,6 +1,6 @@
 """The main job: real defect detection on solar cells, beside anomalib's PatchCore; and the Dinomaly pipeline demo.
 
-``anomalib-mcad demo`` (:func:`run_elpv_demo`) trains one of our CNN models once on both ELPV
+``anomalib-mcad demo --job elpv`` (:func:`run_elpv_demo`) trains one of our CNN models once on both ELPV
 cell types (real electroluminescence images of the ``elpv-dataset`` package) with pretrained
 EfficientNet-Lite0 features, and anomalib's PatchCore once per cell type on the same features and
 input size, through :func:`anomalib_mcad.compare.compare`: it prints the per-category image-AUROC
@@ -8,7 +8,7 @@ table, saves the anomaly maps of real defective cells, and exports both models t
 runs them there (latency). Without ``elpv-dataset`` it says how to install it and uses the
 synthetic set instead.
 
-``anomalib-mcad demo --job dinomaly`` (:func:`run_demo`) runs end to end on a CPU without network: writes the synthetic multi-class dataset, trains
+``anomalib-mcad demo`` (:func:`run_demo`, the default until one of our CNN models matches PatchCore on ELPV) runs end to end on a CPU without network: writes the synthetic multi-class dataset, trains
 one Dinomaly on all its categories through anomalib's Engine, prints the per-category table,
 exports to OpenVINO, scores a few test images with anomalib's ``OpenVINOInferencer`` (checking
 them against the torch model) and saves anomaly-map figures.

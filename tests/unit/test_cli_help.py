@@ -33,7 +33,7 @@ def test_every_demo_option_has_a_description_and_its_default() -> None:
             continue
         assert action.help, action.dest
     text = " ".join(demo.format_help().split())
-    for default in ("(default: elpv)", "(default: demo_output)", "(default: 120)", "(default: 128)", "(default: 112)", "(default: 8)"):
+    for default in ("(default: dinomaly)", "(default: demo_output)", "(default: 120)", "(default: 128)", "(default: 112)", "(default: 8)"):
         assert default in text, default
 
 
