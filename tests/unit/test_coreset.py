@@ -121,3 +121,30 @@ def test_bank_search_exports_to_onnx_and_runs_in_openvino(tmp_path) -> None:  # 
     expected = Search()(query, category)
     assert torch.allclose(torch.from_numpy(outputs[0]), expected[0], atol=1e-5)
     assert torch.allclose(torch.from_numpy(outputs[1]), expected[1], atol=1e-4)
+
+
+def test_exact_greedy_picks_what_anomalibs_sampler_picks() -> None:
+    """The O(N) matvec greedy (exact features) gives anomalib's KCenterGreedy's rows: same start, same picks."""
+    from anomalib.models.components.sampling import KCenterGreedy
+
+    from anomalib_mcad.models.components.coreset import _seeded
+
+    rows = torch.randn(600, 24, generator=torch.Generator().manual_seed(0))
+    for seed in (0, 3):
+        ours = kcenter_greedy_indices(rows, sampling_ratio=0.05, seed=seed, project=False)
+        sampler = KCenterGreedy(rows.unsqueeze(1), sampling_ratio=1.0)  # 3-D: no projection, exact distances
+        sampler.coreset_size = 30
+        with _seeded(seed):
+            theirs = torch.as_tensor(sampler.select_coreset_idxs(), dtype=torch.long)
+        assert ours.shape == (30,) and ours.unique().numel() == 30
+        assert torch.equal(ours, theirs)
+
+
+def test_per_category_coreset_indices_keep_each_category() -> None:
+    from anomalib_mcad.models.components.coreset import per_category_coreset_indices
+
+    rows = torch.randn(300, 8, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(300) % 3
+    index = per_category_coreset_indices(rows, labels, 0.1, seed=0)
+    assert torch.bincount(labels[index]).tolist() == [10, 10, 10] and index.unique().numel() == 30
+    assert torch.equal(per_category_coreset_indices(rows, labels, 1.0), torch.cat([torch.nonzero(labels == c).squeeze(1) for c in range(3)]))

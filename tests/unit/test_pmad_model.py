@@ -307,18 +307,6 @@ def test_table5_optimisers_and_schedules() -> None:
     assert flow_lr[200 * per_epoch] == pytest.approx(2e-4 * 1e-3) and flow_lr[-1] == pytest.approx(2e-4 * 1e-3)
 
 
-def test_fast_kcenter_is_the_shared_kcenter_greedy() -> None:
-    """ProtoFlow's matvec k-center greedy picks the same rows as components.coreset (exact distances, same start)."""
-    from anomalib_mcad.models.components.coreset import kcenter_greedy_indices
-    from anomalib_mcad.models.image.pmad.protoflow import fast_kcenter_indices
-
-    rows = torch.randn(600, 24, generator=torch.Generator().manual_seed(0))
-    for seed in (0, 3):
-        fast = fast_kcenter_indices(rows, 0.05, seed=seed)
-        assert fast.shape == (30,) and fast.unique().numel() == 30
-        assert torch.equal(fast, kcenter_greedy_indices(rows, sampling_ratio=0.05, seed=seed))
-
-
 def test_heldout_residual_skips_the_images_own_prototypes() -> None:
     """With every patch a prototype, plain training residuals are all exactly zero; held-out ones are the
     residual to the nearest patch of ANOTHER image (of the same category when given), never zero."""

@@ -20,14 +20,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from anomalib.models.components.dimensionality_reduction import SparseRandomProjection
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 from torchvision.transforms import v2
 
 from anomalib_mcad.models.components.cnn import CNNFeatureTap
 
-from anomalib_mcad.models.components.coreset import NearestNeighbourBank, coreset_size, kcenter_greedy_indices
+from anomalib_mcad.models.components.coreset import NearestNeighbourBank, per_category_coreset_indices
 from anomalib_mcad.models.components.flow import ConditionalFlow
 from anomalib_mcad.models.components.weights import PretrainedArg
 
@@ -40,38 +39,6 @@ def aggregate_scales(maps: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fast_kcenter_indices(features: torch.Tensor, sampling_ratio: float, seed: int = 0) -> torch.Tensor:
-    """Exact k-center greedy coreset indices of ``features`` (N, D), one matrix-vector product per pick.
-
-    The same algorithm and start point as ``components.coreset.kcenter_greedy_indices`` (torch
-    seeded with ``seed`` draws the first row), on exact distances. anomalib's sampler recomputes
-    ``||x - c||`` with a full (N, D) temporary per pick (~13 picks/s on 141k x 120 Lite0 rows, 2
-    cores); here ``|x|^2 - 2 x.c + |c|^2`` costs one matvec, so a 1 % coreset of 141k rows takes
-    seconds instead of minutes. Where anomalib would project (its Johnson-Lindenstrauss
-    dimension below D), the shared function is used, so the coreset is the same as before.
-    """
-    n = features.shape[0]
-    size = coreset_size(n, sampling_ratio)
-    if size >= n:
-        return torch.arange(n, device=features.device)
-    if SparseRandomProjection._johnson_lindenstrauss_min_dim(n, eps=0.9) < features.shape[1]:  # noqa: SLF001
-        return kcenter_greedy_indices(features, sampling_ratio=sampling_ratio, seed=seed)
-    x = features.detach().float()
-    norms = (x * x).sum(1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        idx = int(torch.randint(high=n, size=(1,)).item())
-    picked = [idx]
-    min_sq = torch.full((n,), float("inf"), device=x.device)
-    for _ in range(size - 1):
-        center = x[idx]
-        min_sq = torch.minimum(min_sq, (norms - 2.0 * (x @ center) + norms[idx]).clamp_min_(0.0))
-        min_sq[idx] = 0.0
-        idx = int(torch.argmax(min_sq).item())
-        picked.append(idx)
-    return torch.tensor(picked, dtype=torch.long, device=features.device)
-
-
 def augmented_views(images: torch.Tensor, scale: tuple[float, float] = (0.2, 1.0), flip: float = 0.5) -> torch.Tensor:
     """The authors' ProtoFlow training views of a batch: per image a RandomResizedCrop (area ``scale``,
     aspect 3/4-4/3, bicubic) back to the input size and a horizontal flip with probability ``flip``.
@@ -149,14 +116,7 @@ class ProtoFlow(nn.Module):
         are returned as a third tensor, for :meth:`heldout_residual`.
         """
         ratio = self.coreset_ratio if ratio is None else ratio
-        kept = []
-        for category in torch.unique(labels).tolist():
-            rows = torch.nonzero(labels == category).squeeze(1)
-            if ratio >= 1.0:
-                kept.append(rows)
-            else:
-                kept.append(rows[fast_kcenter_indices(embeddings[rows], ratio, seed=self.seed)])
-        index = torch.cat(kept)
+        index = per_category_coreset_indices(embeddings, labels, ratio, seed=self.seed)
         if sources is None:
             return embeddings[index], labels[index]
         return embeddings[index], labels[index], sources[index]
