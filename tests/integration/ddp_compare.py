@@ -40,7 +40,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "dinomaly": {"bottleneck_dropout": 0.0, "warmup_iters": 1},
     "inp_former": {"bottleneck_dropout": 0.0, "warmup_iters": 1},
     "mint_ad": {"dropout": 0.0, "jitter_prob": 0.0},
-    "pmad": {"drop_path": 0.0, "warmup_epochs": 0, "flow_warmup_epochs": 0},
+    # ProtoFlow's augmented training views (random crops and flips) are drawn per rank too
+    "pmad": {"drop_path": 0.0, "warmup_epochs": 0, "flow_warmup_epochs": 0, "flow_augment": False},
     "mask_ad": {},
 }
 
