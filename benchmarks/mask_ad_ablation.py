@@ -12,7 +12,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -21,39 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch.nn import functional as F  # noqa: N812
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from accuracy import datamodule  # noqa: E402
+from mask_ad_parts import load_trained, read, show  # noqa: E402
 
 from anomalib_mcad.models.components.sinkhorn import sinkhorn  # noqa: E402
 
 
 @torch.no_grad()
-def read(module, loader):  # noqa: ANN001, ANN201
-    feats, labels, cats = [], [], []
-    for batch in loader:
-        images = module.pre_processor.transform(batch.image)
-        feats.append(module.model.features(images))
-        labels.append(torch.as_tensor(batch.gt_label).reshape(-1).long())
-        cats += list(batch.category)
-    return torch.cat(feats), torch.cat(labels), np.array(cats)
-
-
-def auroc(scores: torch.Tensor, labels: torch.Tensor, cats: np.ndarray) -> dict[str, float]:
-    s, y = scores.numpy(), labels.numpy()
-    return {c: roc_auc_score(y[cats == c], s[cats == c]) for c in sorted(set(cats))}
-
-
-def show(name: str, scores: torch.Tensor, labels: torch.Tensor, cats: np.ndarray) -> float:
-    r = auroc(scores.float(), labels, cats)
-    mean = float(np.mean(list(r.values())))
-    print(f"{name:<46s} " + "  ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in r.items()) + f"  mean {mean:.4f}", flush=True)
-    return mean
-
-
 def main() -> None:  # noqa: PLR0915
     p = argparse.ArgumentParser()
     p.add_argument("path")
@@ -64,11 +40,8 @@ def main() -> None:  # noqa: PLR0915
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     t0 = time.time()
-    module = torch.load(args.path, weights_only=False, map_location="cpu")
-    module.eval()
+    module, dm = load_trained(args.path, args.dataset, args.synthetic_root)
     model = module.model
-    dm = datamodule(args.dataset, None, 16, Path(args.synthetic_root), 256)
-    dm.setup()
     collate = dm.train_data.collate_fn
     h_train, _, c_train = read(module, DataLoader(dm.train_data, batch_size=32, shuffle=False, collate_fn=collate))
     h_test, y, cats = read(module, DataLoader(dm.test_data, batch_size=32, shuffle=False, collate_fn=dm.test_data.collate_fn))

@@ -51,6 +51,15 @@ def show(name: str, scores: torch.Tensor, labels: torch.Tensor, cats: np.ndarray
     return mean
 
 
+def load_trained(path: str, dataset: str, synthetic_root: str):  # noqa: ANN201
+    """A saved MaskAD Lightning module (eval mode) and the harness's datamodule, set up."""
+    module = torch.load(path, weights_only=False, map_location="cpu")
+    module.eval()
+    dm = datamodule(dataset, None, 16, Path(synthetic_root), 256)
+    dm.setup()
+    return module, dm
+
+
 @torch.no_grad()
 def scores(model, feats):  # noqa: ANN001, ANN201
     parts = [model.patch_scores(f) for f in feats.split(16)]
@@ -98,11 +107,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     t0 = time.time()
-    module = torch.load(args.path, weights_only=False, map_location="cpu")
-    module.eval()
+    module, dm = load_trained(args.path, args.dataset, args.synthetic_root)
     model = module.model
-    dm = datamodule(args.dataset, None, 16, Path(args.synthetic_root), 256)
-    dm.setup()
     h, y, cats = read(module, DataLoader(dm.test_data, batch_size=32, shuffle=False, collate_fn=dm.test_data.collate_fn))
     size = (args.image_size, args.image_size)
     sigma = model.blur_sigma * size[0] / 224.0
