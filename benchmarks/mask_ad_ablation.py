@@ -18,7 +18,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812
 from torch.utils.data import DataLoader
