@@ -347,8 +347,27 @@ class Pmad(McadModule):
         super().on_predict_start()
         self._add_support_prototypes()
 
+    #: Checkpoint key of ProtoFlow's prototype sources (the training image of each prototype) and the
+    #: training images' numbers: only training needs them (held-out residuals; a resumed fit must hold
+    #: out the same prototypes), so they stay out of the state dict and the exports.
+    SOURCES_KEY = "pmad_prototype_sources"
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also keep the prototypes' source images, so a resumed fit holds the same residuals out."""
+        super().on_save_checkpoint(checkpoint)
+        sources = self.model.protoflow.prototype_sources
+        if sources is not None:
+            checkpoint[self.SOURCES_KEY] = {
+                "prototypes": sources.detach().cpu(),
+                "images": dict(getattr(self, "_train_sources", None) or {}),  # training image path -> number
+            }
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Size the per-category error recorder and mask-count table as in the checkpoint."""
+        """Size the per-category error recorder and mask-count table as in the checkpoint; restore prototype sources."""
+        sources = checkpoint.get(self.SOURCES_KEY)
+        if sources is not None:
+            self.model.protoflow.prototype_sources = torch.as_tensor(sources["prototypes"]).long()
+            self._train_sources = {str(k): int(v) for k, v in sources["images"].items()}
         state = checkpoint.get("state_dict", {})
         state.pop("model.default_mask_count", None)  # older checkpoints: now derived from the arguments
         counts = state.get("model.category_mask_counts")
@@ -479,11 +498,14 @@ class Pmad(McadModule):
         """
         protoflow = self.model.protoflow
         values = []
-        for batch in full_training_loader(self.trainer):
-            images = self._transform(batch.image.to(self.device))
-            category = self._category_index(batch).to(self.device) if self.hparams.get("flow_search", "all") == "category" and self._searchable(batch) else None
-            residual = protoflow.heldout_residual(protoflow.embed(images), category, self._sources(batch))
-            values.append(protoflow.nll(residual).flatten().float().cpu())
+        # a measurement pass: the loader's base seed must not come out of the training's random stream
+        # (an early-stopped run fits here too, and its checkpoint must resume as the uninterrupted run)
+        with torch.random.fork_rng(devices=[]):
+            for batch in full_training_loader(self.trainer):
+                images = self._transform(batch.image.to(self.device))
+                category = self._category_index(batch).to(self.device) if self.hparams.get("flow_search", "all") == "category" and self._searchable(batch) else None
+                residual = protoflow.heldout_residual(protoflow.embed(images), category, self._sources(batch))
+                values.append(protoflow.nll(residual).flatten().float().cpu())
         nll = torch.cat(values)
         q = float(self.hparams.reference_quantile)
         # torch.quantile is limited to 2**24 values; a strided subsample keeps larger sets exact enough
