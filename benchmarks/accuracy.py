@@ -44,6 +44,17 @@ def datamodule(dataset: str, categories: list[str] | None, batch: int, synthetic
     return MultiClassDataModule(root=root, dataset="mvtec_layout", **common)
 
 
+def _value(text: str) -> Any:  # noqa: ANN401
+    """A ``--set`` value as YAML reads it, except that ``1e-3`` is a float (YAML 1.1 would keep it a string)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def builtin_model(name: str, image_size: int, coreset: float) -> Any:  # noqa: ANN401
     """anomalib's PatchCore or PaDiM on Lite0 (stride-8 and stride-16 stages) with the package's ImageNet weights."""
     from anomalib.models import Padim, Patchcore  # noqa: PLC0415
@@ -69,7 +80,7 @@ def run(args: argparse.Namespace, categories: list[str] | None, synthetic_root: 
 
         kwargs: dict[str, Any] = {"image_size": args.image_size}
         kwargs["proto_pretrained" if args.model == "pmad" else "pretrained"] = LITE0
-        kwargs.update({k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
+        kwargs.update({k: _value(v) for k, v in (s.split("=", 1) for s in args.set)})
         model = get_model(args.model, **kwargs)
         model.per_category_metrics = False  # the table comes from the Engine's callback below
         trainer = {"max_epochs": args.epochs, "max_steps": -1} if args.epochs else {"max_steps": args.steps}
