@@ -53,6 +53,41 @@ def test_small_tokenizer_grid_range_and_determinism() -> None:
     assert not tok.training  # frozen target generator
 
 
+def test_feature_code_tokenizer_is_kmeans_on_pooled_protoflow_features() -> None:
+    """tokenizer="features": codes fitted on the training embedding pooled to the ViT grid; targets = nearest code."""
+    torch.manual_seed(0)
+    model = PmadModel(**{**SMALL, "img_size": 64, "patch_size": 16, "tokenizer": "features", "vocab_size": 6}).eval()
+    assert model.uses_feature_codes and model.mim.lm_head.out_features == 6 and not model.tokenizer.is_fitted
+    train = torch.cat([torch.randn(3, 3, 64, 64), torch.randn(3, 3, 64, 64) * 0.1 + 1.0])
+    emb = model.protoflow.embed(train)  # (6, C, 8, 8) at stride 8; ViT grid 4 x 4
+    rows = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+    state = torch.random.get_rng_state()
+    model.fit_feature_codes(rows, images=6, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the training's random stream is untouched
+    assert model.tokenizer.is_fitted
+    first = model.tokenizer.codebook.clone()
+    model.fit_feature_codes(rows, images=6, seed=3)
+    torch.testing.assert_close(model.tokenizer.codebook, first)  # deterministic
+    pooled = F.avg_pool2d(emb, 2)  # stride 8 -> the 16-px ViT grid
+    ids = model.token_targets(train)
+    assert ids.shape == (6, 16)
+    nearest = torch.cdist(pooled.flatten(2).transpose(1, 2), first.unsqueeze(0)).argmin(-1)
+    assert torch.equal(ids, nearest)
+    assert torch.equal(model.token_targets(train, emb), ids)  # a computed embedding gives the same targets
+    # a k-means fixed point: every used code is the mean of the pooled training features assigned to it
+    flat = pooled.permute(0, 2, 3, 1).reshape(-1, pooled.shape[1])
+    for code in torch.unique(ids).tolist():
+        torch.testing.assert_close(first[code], flat[ids.flatten() == code].mean(0), atol=1e-4, rtol=1e-4)
+    assert len(torch.unique(ids)) >= 3
+    assert "tokenizer.codebook" in model.state_dict()
+    with pytest.raises(ValueError, match="at least 2 codes"):
+        PmadModel(**{**SMALL, "tokenizer": "features", "vocab_size": 1})
+    with pytest.raises(ValueError, match="takes no tokenizer_weights"):
+        PmadModel(**{**SMALL, "tokenizer": "features", "tokenizer_weights": "x.pth"})
+    with pytest.raises(ValueError, match="patch features"):
+        model.tokenizer.fit(torch.randn(10, 3))
+
+
 def test_vq_tokenizer_loads_the_authors_checkpoint_layout(tmp_path: Path) -> None:
     """Authors' file: encoder.*, encode_task_layer.*, quantize.embedding.weight plus decoder keys (ignored)."""
     src = VqViTTokenizer.small(seed=3)

@@ -58,7 +58,9 @@ class Pmad(McadModule):
         arch, image_size, patch_size, init_values, drop_path, pretrained: the masked image model
             (ViT-B/16 at 224, layer scale 0.1, drop path 0.1; ``pretrained`` = a local BEiT file).
         tokenizer, tokenizer_weights, vocab_size: ``"vit"`` (8192-code VQ ViT, the authors'
-            default), ``"dalle"`` or ``"small"`` (tests); weights from a local file.
+            default), ``"dalle"``, ``"small"`` (random, tests) or ``"features"`` (k-means codes of
+            ProtoFlow's pretrained features fitted on the training set, ``vocab_size`` 256: the
+            offline stand-in when no pretrained tokenizer exists); weights from a local file.
         proto_backbone, proto_stages, proto_pretrained, n_coupling, clamp, condition_dim,
         coreset_ratio: ProtoFlow (tf_efficientnet_b6 stages 2-3, 4 couplings, clamp 1.9, 128-d
             condition, 1 % coreset).
@@ -323,6 +325,8 @@ class Pmad(McadModule):
         embeddings, labels, sources = self._collect_embeddings(full_training_loader(self.trainer), sources=True)
         prototypes, kept, kept_sources = self.model.protoflow.fit_prototypes(embeddings, labels, sources=sources)
         self.model.protoflow.set_prototypes(prototypes, kept, kept_sources)
+        if self.model.uses_feature_codes and not self.model.tokenizer.is_fitted:
+            self.model.fit_feature_codes(embeddings, images=int(sources.max()) + 1, seed=self.model.protoflow.seed)
 
     def _add_support_prototypes(self) -> None:
         """Prototypes of test categories without any, from the datamodule's k-shot support set."""
@@ -408,7 +412,7 @@ class Pmad(McadModule):
         # masked image modelling
         mask, dyn_weights = self._training_masks(batch, images, embedding, dynamic)
         with torch.no_grad():
-            targets = model.tokenizer(images)
+            targets = model.token_targets(images, embedding)
         logits = model.mim(images, mask, masked_only=True)
         token_ce = F.cross_entropy(logits.float(), targets[mask], reduction="none")
         if dynamic and all(w is not None for w in dyn_weights):

@@ -212,7 +212,15 @@ class ProtoFlow(nn.Module):
         """Per-channel NLL map (B, H/8, W/8) of ImageNet-normalised images."""
         return self.propose(images, category)[0]
 
-    def propose(self, images: torch.Tensor, category: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """NLL map (B, H/8, W/8) and the category label of each patch's nearest prototype (B, H/8, W/8)."""
-        residual, labels = self.residual_and_labels(self.embed(images), category)
+    def propose(
+        self,
+        images: torch.Tensor,
+        category: torch.Tensor | None = None,
+        embedding: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """NLL map (B, H/8, W/8) and the category label of each patch's nearest prototype (B, H/8, W/8).
+
+        ``embedding``: :meth:`embed` of ``images`` if the caller already has it (computed once per batch).
+        """
+        residual, labels = self.residual_and_labels(self.embed(images) if embedding is None else embedding, category)
         return self.nll(residual), labels

@@ -12,6 +12,11 @@ Two families, as in the authors' code (xcyao00/PMAD):
 Both take the model's ImageNet-normalised input, undo the normalisation and apply their own
 pre-processing, so the datamodule needs no second view. Both are frozen and load a local
 weights file in the authors' format (``weights=...``) via ``load_weights_file``.
+
+A third, :class:`FeatureCodeTokenizer`, is this package's offline stand-in for a pretrained
+tokenizer: its codes are k-means centres of the pretrained CNN features ProtoFlow already
+computes (VQ-KD's codes are quantised pretrained features too; a random tokenizer's codes carry
+no image semantics, so its token targets make the cross-entropy score noise).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from anomalib.models.components.cluster import KMeans
 from timm.models.beit import Beit
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
@@ -234,3 +240,51 @@ class DalleTokenizer(_FrozenTokenizer):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Token ids (B, N)."""
         return self.logits(images).argmax(dim=1).flatten(1)
+
+
+class FeatureCodeTokenizer(_FrozenTokenizer):
+    """Token id = nearest k-means centre of a patch's pretrained CNN feature (fitted on training patches).
+
+    Unlike the image tokenizers it reads features, not images: (B, C, h, w) on the ViT grid, which
+    :class:`~anomalib_mcad.models.image.pmad.torch_model.PmadModel` pools from ProtoFlow's frozen
+    embedding. The codebook is a buffer, so checkpoints and exports carry it.
+
+    Args:
+        channels: feature width (ProtoFlow's aggregated stages).
+        codebook_size: number of codes (k of the k-means).
+        reduction: stride of the token grid in input pixels (the ViT patch size).
+    """
+
+    def __init__(self, channels: int, codebook_size: int = 256, reduction: int = 16) -> None:
+        super().__init__()
+        if codebook_size < 2:
+            msg = f"a feature codebook needs at least 2 codes, got {codebook_size}"
+            raise ValueError(msg)
+        self.vocab_size = int(codebook_size)
+        self.reduction = int(reduction)
+        self.register_buffer("codebook", torch.zeros(self.vocab_size, int(channels)))
+        self.register_buffer("fitted", torch.tensor(False))
+        self._freeze()
+
+    @property
+    def is_fitted(self) -> bool:
+        """True once :meth:`fit` has set the codebook (or a checkpoint has)."""
+        return bool(self.fitted)
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, seed: int = 0, iterations: int = 20) -> None:
+        """k-means (anomalib's) on training patch features (N, C); the global random stream is left untouched."""
+        if features.ndim != 2 or features.shape[1] != self.codebook.shape[1]:
+            msg = f"FeatureCodeTokenizer.fit needs patch features (N, {self.codebook.shape[1]}), got {tuple(features.shape)}"
+            raise ValueError(msg)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            _, centres = KMeans(self.vocab_size, iterations).fit(features.float().to(self.codebook.device))
+        self.codebook.copy_(centres)
+        self.fitted.fill_(True)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, h*w): nearest code to each position of ``features`` (B, C, h, w)."""
+        z = features.flatten(2).transpose(1, 2)
+        distance = (self.codebook * self.codebook).sum(-1) - 2.0 * z @ self.codebook.T  # + |z|^2, constant per row
+        return distance.argmin(dim=-1)

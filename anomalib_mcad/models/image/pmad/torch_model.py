@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Literal
 
 import torch
@@ -34,7 +35,7 @@ from torch.nn import functional as F  # noqa: N812
 from anomalib_mcad.models.components.validation import check_images, is_exporting
 from anomalib_mcad.models.components.weights import PretrainedArg, load_weights_file
 from anomalib_mcad.models.image.pmad.protoflow import ProtoFlow
-from anomalib_mcad.models.image.pmad.tokenizer import DalleTokenizer, VqViTTokenizer
+from anomalib_mcad.models.image.pmad.tokenizer import DalleTokenizer, FeatureCodeTokenizer, VqViTTokenizer
 
 #: Table 5: ViT-Base and ViT-Large (patch 16, head size 64).
 ARCHITECTURES: dict[str, dict[str, int]] = {
@@ -49,7 +50,7 @@ MVTEC_MASK_RATIOS: dict[str, float] = {
     "pill": 0.48, "screw": 0.04, "toothbrush": 0.22, "transistor": 0.48, "zipper": 0.2,
 }  # fmt: skip
 
-TokenizerType = Literal["vit", "dalle", "small"]
+TokenizerType = Literal["vit", "dalle", "small", "features"]
 
 
 class MaskedImageModel(nn.Module):
@@ -149,15 +150,28 @@ def build_tokenizer(
     patch_size: int,
     weights: str | None = None,
     vocab_size: int | None = None,
+    feature_channels: int | None = None,
 ) -> nn.Module:
-    """Tokenizer whose grid matches the ViT's: ``vit`` (8192-code VQ ViT), ``dalle`` (DALL-E dVAE) or ``small`` (random, tests)."""
+    """Tokenizer whose grid matches the ViT's.
+
+    ``vit`` (8192-code VQ ViT), ``dalle`` (DALL-E dVAE), ``small`` (random, tests) or ``features``
+    (k-means codes of ProtoFlow's pretrained features, ``feature_channels`` wide; 256 codes).
+    """
     if kind == "vit":
         return VqViTTokenizer(img_size=img_size, patch_size=patch_size, codebook_size=vocab_size or 8192, weights=weights)
     if kind == "dalle":
         return DalleTokenizer(vocab_size=vocab_size or 8192, input_size=img_size // patch_size * 8, weights=weights)
     if kind == "small":
         return VqViTTokenizer.small(img_size=img_size, patch_size=patch_size, codebook_size=vocab_size or 64)
-    msg = f"tokenizer must be 'vit', 'dalle' or 'small', got {kind!r}"
+    if kind == "features":
+        if feature_channels is None:
+            msg = "the 'features' tokenizer needs the width of ProtoFlow's features (feature_channels)"
+            raise ValueError(msg)
+        if weights is not None:
+            msg = "the 'features' tokenizer is fitted on the training images; it takes no tokenizer_weights"
+            raise ValueError(msg)
+        return FeatureCodeTokenizer(feature_channels, codebook_size=vocab_size or 256, reduction=patch_size)
+    msg = f"tokenizer must be 'vit', 'dalle', 'small' or 'features', got {kind!r}"
     raise ValueError(msg)
 
 
@@ -202,9 +216,13 @@ class PmadModel(nn.Module):
             raise ValueError(msg)
         self.img_size = int(img_size)
         self.patch_size = int(patch_size)
-        self.tokenizer = build_tokenizer(tokenizer, img_size, patch_size, tokenizer_weights, vocab_size)
+        build_protoflow = partial(ProtoFlow, proto_backbone, proto_stages, proto_pretrained, n_coupling, clamp, condition_dim, coreset_ratio)
+        # the features tokenizer needs ProtoFlow's width first; the others keep the original order
+        # of construction (so a seed gives the same initial weights as before that tokenizer existed)
+        protoflow = build_protoflow() if tokenizer == "features" else None
+        self.tokenizer = build_tokenizer(tokenizer, img_size, patch_size, tokenizer_weights, vocab_size, protoflow.channels if protoflow else None)
         self.mim = MaskedImageModel(arch, img_size, patch_size, self.tokenizer.vocab_size, init_values, drop_path, pretrained)
-        self.protoflow = ProtoFlow(proto_backbone, proto_stages, proto_pretrained, n_coupling, clamp, condition_dim, coreset_ratio)
+        self.protoflow = protoflow if protoflow is not None else build_protoflow()
         if self.img_size % self.protoflow.reduction:
             msg = f"img_size {img_size} must be a multiple of ProtoFlow's stride {self.protoflow.reduction}"
             raise ValueError(msg)
@@ -271,9 +289,33 @@ class PmadModel(nn.Module):
         position = torch.argsort(order, dim=1)
         return position < counts.reshape(-1, 1)
 
-    def token_errors(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    @property
+    def uses_feature_codes(self) -> bool:
+        """True when the token targets are k-means codes of ProtoFlow's features (``tokenizer="features"``)."""
+        return isinstance(self.tokenizer, FeatureCodeTokenizer)
+
+    def grid_features(self, embedding: torch.Tensor) -> torch.Tensor:
+        """ProtoFlow's embedding (B, C, H/8, W/8) average-pooled to the ViT grid (B, C, h, w)."""
+        return F.adaptive_avg_pool2d(embedding, self.grid)
+
+    @torch.no_grad()
+    def fit_feature_codes(self, rows: torch.Tensor, images: int, seed: int = 0) -> None:
+        """Fit the ``features`` tokenizer on the training set's embedding rows (images * H/8 * W/8, C), image-major."""
+        side = self.img_size // self.protoflow.reduction
+        maps = rows.reshape(images, side, side, -1).permute(0, 3, 1, 2)
+        pooled = self.grid_features(maps).permute(0, 2, 3, 1).reshape(-1, rows.shape[1])
+        self.tokenizer.fit(pooled, seed=seed)
+
+    def token_targets(self, images: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, N) of every patch; ``embedding``: ProtoFlow's, if already computed (``features`` tokenizer)."""
+        if self.uses_feature_codes:
+            embedding = self.protoflow.embed(images) if embedding is None else embedding
+            return self.tokenizer(self.grid_features(embedding))
+        return self.tokenizer(images)
+
+    def token_errors(self, images: torch.Tensor, mask: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-entropy of the true token at every patch (B, N) given the masked input."""
-        targets = self.tokenizer(images)
+        targets = self.token_targets(images, embedding)
         logits = self.mim(images, mask)
         log_prob = F.log_softmax(logits.float(), dim=-1)
         return -log_prob.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -301,10 +343,11 @@ class PmadModel(nn.Module):
                 msg = "PMAD's ProtoFlow has no prototypes or likelihood reference yet: train the model (Engine.fit) first"
                 raise RuntimeError(msg)
         batch = images.shape[0]
-        nll, labels = self.protoflow.propose(images, category)
+        embedding = self.protoflow.embed(images)
+        nll, labels = self.protoflow.propose(images, category, embedding=embedding)
         counts = self.image_mask_counts(labels) if mask_counts is None else mask_counts
         mask = self.proposal_mask(nll, counts)
-        errors = self.token_errors(images, mask) * mask.to(images.dtype)
+        errors = self.token_errors(images, mask, embedding) * mask.to(images.dtype)
         size = images.shape[-2:]
         token_map = F.interpolate(errors.reshape(batch, 1, *self.grid), size=size, mode="bilinear", align_corners=True)
         weight = F.interpolate(self.protoflow.abnormality(nll).unsqueeze(1), size=size, mode="bilinear", align_corners=True)
