@@ -290,3 +290,22 @@ def test_feature_standardisation_uses_training_statistics() -> None:
     assert {"feature_mean", "feature_std", "statistics_fitted"} <= set(model.state_dict())
     with pytest.raises(ValueError, match="raw training features"):
         model.fit_feature_statistics(torch.empty(0, 192, 8, 8))
+
+
+def test_area_feature_resize_averages_each_cell_of_the_finer_stages() -> None:
+    """feature_resize="area": every grid cell is the mean of its block of each tapped map (no aliasing)."""
+    torch.manual_seed(0)
+    model = MaskAdModel(**{**TINY, "feature_resize": "area"}).eval()
+    x = torch.rand(2, 3, 128, 128)  # stages 64, 32, 16, 8 px: each shrinks by a whole factor to the 8 x 8 grid
+    with torch.no_grad():
+        maps = model.backbone(x)
+        raw = model.raw_features(x)
+        bilinear = MaskAdModel(**TINY).eval()
+        bilinear.backbone.load_state_dict(model.backbone.state_dict())
+        aliased = bilinear.raw_features(x)
+    assert raw.shape == (2, 192, 8, 8)
+    expected = torch.cat([torch.nn.functional.avg_pool2d(m, m.shape[-1] // 8) for m in maps], dim=1)
+    torch.testing.assert_close(raw, expected)
+    assert not torch.allclose(raw, aliased)  # the finer stages differ from the one-sample-per-cell bilinear
+    with pytest.raises(ValueError, match="feature_resize must be"):
+        MaskAdModel(**{**TINY, "feature_resize": "nearest"})

@@ -56,6 +56,8 @@ class MaskAd(McadModule):
         image_size: inputs are resized to this square size (224).
         normalize_features: per-channel standardisation of the backbone features with training
             statistics (ours; see README).
+        feature_resize: ``"bilinear"`` (the authors') or ``"area"`` resizing of the tapped stages
+            to the feature grid (see :class:`MaskAdModel`).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class MaskAd(McadModule):
         use_rec: bool = True,
         restrict_to_category: bool = False,
         normalize_features: bool = True,
+        feature_resize: str = "bilinear",
         train_strategies: Sequence[TrainStrategy] = ("random", "block", "foreground"),
         train_random_ratio: float = 0.766,
         train_block_ratio: float = 0.358,
@@ -163,6 +166,7 @@ class MaskAd(McadModule):
             use_rec=use_rec,
             restrict_to_category=restrict_to_category,
             normalize_features=normalize_features,
+            feature_resize=feature_resize,
         )
         grid = (feature_size, feature_size)
         self.train_generators = {

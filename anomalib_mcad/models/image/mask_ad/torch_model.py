@@ -179,6 +179,10 @@ class MaskAdModel(nn.Module):
         restrict_to_category: search only the image's own category's coreset (needs the category).
         normalize_features: standardise each backbone channel with its mean and standard deviation
             over the training patches (buffers set by :meth:`fit_feature_statistics`; see README).
+        feature_resize: how the tapped stages reach ``feature_size``: ``"bilinear"`` (align
+            corners, UniAD's neck and the authors' code; a stride-2 map shrunk 8x this way keeps
+            one sample per cell and aliases) or ``"area"`` (each cell averages its block of the
+            finer map; measured better on ELPV, see README; exports exactly).
     """
 
     def __init__(
@@ -218,6 +222,7 @@ class MaskAdModel(nn.Module):
         use_rec: bool = True,
         restrict_to_category: bool = False,
         normalize_features: bool = True,
+        feature_resize: str = "bilinear",
     ) -> None:
         super().__init__()
         if feature_size < 2:
@@ -235,10 +240,14 @@ class MaskAdModel(nn.Module):
         if not 0.0 <= ot_weight <= 1.0:
             msg = f"ot_weight must lie in [0, 1], got {ot_weight}"
             raise ValueError(msg)
+        if feature_resize not in ("bilinear", "area"):
+            msg = f"feature_resize must be 'bilinear' or 'area', got {feature_resize!r}"
+            raise ValueError(msg)
         if not (use_rec or use_assdis or use_reference):
             msg = "at least one of use_rec, use_assdis, use_reference must be on: the score would be empty"
             raise ValueError(msg)
         self.feature_size = int(feature_size)
+        self.feature_resize = feature_resize
         self.parallel = parallel
         self.use_po = use_po
         self.use_reference = use_reference
@@ -297,9 +306,12 @@ class MaskAdModel(nn.Module):
         return 2 * max(self.backbone.reductions)
 
     def raw_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Tapped stages bilinearly resized to ``feature_size`` and concatenated (B, C, h, w)."""
+        """Tapped stages resized to ``feature_size`` (``feature_resize``) and concatenated (B, C, h, w)."""
         size = (self.feature_size, self.feature_size)
-        maps = [F.interpolate(m, size=size, mode="bilinear", align_corners=True) for m in self.backbone(images)]
+        if self.feature_resize == "area":
+            maps = [F.interpolate(m, size=size, mode="area") for m in self.backbone(images)]
+        else:
+            maps = [F.interpolate(m, size=size, mode="bilinear", align_corners=True) for m in self.backbone(images)]
         return torch.cat(maps, dim=1)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
