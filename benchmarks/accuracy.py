@@ -56,14 +56,17 @@ def _value(text: str) -> Any:  # noqa: ANN401
 
 
 def builtin_model(name: str, image_size: int, coreset: float) -> Any:  # noqa: ANN401
-    """anomalib's PatchCore or PaDiM on Lite0 (stride-8 and stride-16 stages) with the package's ImageNet weights."""
+    """anomalib's PatchCore or PaDiM on Lite0 (stride-8 and stride-16 stages) with the package's ImageNet weights.
+
+    PaDiM keeps 100 random channels of the 152 (as it keeps 100 of ResNet-18's 448), as in the compare configs.
+    """
     from anomalib.models import Padim, Patchcore  # noqa: PLC0415
 
     from anomalib_mcad.compare.backbones import builtin_pre_processor, load_builtin_backbone  # noqa: PLC0415
 
     pre = builtin_pre_processor(image_size)
     layers = ["blocks.2", "blocks.4"]
-    model = Patchcore(backbone="efficientnet_lite0", layers=layers, pre_trained=False, coreset_sampling_ratio=coreset, pre_processor=pre) if name == "patchcore" else Padim(backbone="efficientnet_lite0", layers=layers, pre_trained=False, pre_processor=pre)
+    model = Patchcore(backbone="efficientnet_lite0", layers=layers, pre_trained=False, coreset_sampling_ratio=coreset, pre_processor=pre) if name == "patchcore" else Padim(backbone="efficientnet_lite0", layers=layers, pre_trained=False, n_features=100, pre_processor=pre)
     load_builtin_backbone(model, LITE0)
     return model
 
