@@ -81,8 +81,9 @@ def main() -> None:
         image = read_image(path, as_tensor=False)
         amap = torch.nn.functional.interpolate(torch.from_numpy(prediction.anomaly_map.squeeze())[None, None], size=image.shape[:2], mode="bilinear")[0, 0]
         score = float(prediction.pred_score.item())
-        save_figure(overlays / f"{path.stem}.png", image, np.asarray(amap), None, f"{path.name}: FP32 {score:.3f}, INT8 {int8_score:.3f}")
-        print(f"{path.name}: score FP32 {score:.3f}  INT8 {int8_score:.3f}  label {bool(prediction.pred_label.item())}")
+        name = f"{path.parent.name}_{path.stem}"  # good/000.png and scratch/000.png must not overwrite each other
+        save_figure(overlays / f"{name}.png", image, np.asarray(amap), None, f"{name}: FP32 {score:.3f}, INT8 {int8_score:.3f}")
+        print(f"{name}: score FP32 {score:.3f}  INT8 {int8_score:.3f}  label {bool(prediction.pred_label.item())}")
     print(f"Overlays of {len(paths)} images: {overlays}")
 
     # batch-1 latency of the whole module (pre-processing, network, post-processing)

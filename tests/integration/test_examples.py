@@ -49,7 +49,7 @@ def test_export_and_deploy_openvino_runs(tmp_path: Path) -> None:
     out = run_example("export_and_deploy_openvino.py", tmp_path)
     for precision in ("FP32", "INT8"):
         assert (tmp_path / re.search(rf"^OpenVINO {precision}: (.+)$", out, flags=re.MULTILINE).group(1)).is_file()
-    scored = re.findall(r"^\S+\.png: score FP32 (\S+)  INT8 (\S+)", out, flags=re.MULTILINE)
+    scored = re.findall(r"^\w+_\d+: score FP32 (\S+)  INT8 (\S+)", out, flags=re.MULTILINE)
     assert len(scored) == 7  # washer's test folder: 2 good + 5 defect types x 1
     assert all(0.0 <= float(v) <= 1.0 for pair in scored for v in pair)
     assert len(list((tmp_path / "example_output" / "openvino" / "overlays").glob("*.png"))) == 7
