@@ -68,7 +68,7 @@ def test_command_parses(command: str, monkeypatch: pytest.MonkeyPatch, capsys: p
         printed = yaml.safe_load(capsys.readouterr().out)
         assert printed["model"]["class_path"].startswith("anomalib_mcad.")
         # what the command line says is what the configuration holds
-        for option, value in zip(argv[1::1], argv[2::1], strict=False):
+        for option, value in zip(argv[1:], argv[2:], strict=False):
             if option == "--trainer.max_steps":
                 assert printed["trainer"]["max_steps"] == int(value)
         return

@@ -7,6 +7,7 @@ every tensor is a known constant ("the hub weights") or fails as offline.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning
 import pytest
@@ -86,7 +87,7 @@ def test_offline_first_use_names_the_fix(fake_hub: Callable[[bool], list[str]]) 
 def test_dinomaly_checkpoint_loads_and_scores_offline(
     fake_hub: Callable[[bool], list[str]],
     tiny_dinomaly_kwargs: dict,
-    tmp_path,  # noqa: ANN001
+    tmp_path: Path,
 ) -> None:
     """``load_from_checkpoint`` of a model trained with ``pretrained=True`` (what ``anomalib export`` does)."""
     trained = Dinomaly(**tiny_dinomaly_kwargs)
