@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from anomalib_mcad.compare.runner import ModelResult, ProbeImages
-from anomalib_mcad.metrics.per_category import METRIC_COLUMNS
+from anomalib_mcad.metrics.per_category import LOGGED_MEAN_PREFIX, METRIC_COLUMNS
 
 __all__ = ["mean_table", "per_category_table", "write_report"]
 
@@ -37,6 +37,12 @@ REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
 FIGURES = ("mean_metrics.png", "per_category_heatmap.png", "anomaly_maps.png")
 HEATMAP_METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
+#: What the mean table holds, said in the report because ``engine.test`` also returns anomalib's pooled AUROC.
+MEAN_DEFINITION = (
+    f"Each metric per category on raw scores, then the unweighted mean over categories: what the papers report "
+    f"(`{LOGGED_MEAN_PREFIX}<metric>` in the results of `engine.test`). Not anomalib's `image_AUROC` of "
+    "`engine.test`, which pools the normalised scores of all categories into one AUROC."
+)
 
 
 def per_category_table(results: Sequence[ModelResult]) -> pd.DataFrame:
@@ -115,7 +121,7 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _markdown(header: dict[str, Any], means: pd.DataFrame, per_category: pd.DataFrame, results: Sequence[ModelResult], figures: dict[str, Path]) -> str:
     parts = ["# Model comparison", ""]
     parts += [f"- **{key}**: {value}" for key, value in header.items()]
-    parts += ["", "## Mean over categories (%)", ""]
+    parts += ["", "## Mean over categories (%)", "", MEAN_DEFINITION, ""]
     parts.append(_md_table(["model", *METRIC_COLUMNS], [[r["model"], *(_pct(r[c]) for c in METRIC_COLUMNS)] for _, r in means[means["status"] == "ok"].iterrows()]))
     failed = means[means["status"] != "ok"]
     if len(failed):

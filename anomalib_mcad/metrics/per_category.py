@@ -37,6 +37,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 __all__ = [
     "AUPRO_FPR_LIMIT",
     "COLUMNS",
+    "LOGGED_MEAN_PREFIX",
     "METRIC_COLUMNS",
     "PerCategoryMetrics",
     "aupro",
@@ -66,6 +67,12 @@ METRIC_COLUMNS: tuple[str, ...] = (
 )
 COLUMNS: tuple[str, ...] = ("category", "n_images", "n_anomalous", *METRIC_COLUMNS)
 MEAN_ROW = "mean"
+#: Prefix of the means logged into the results of ``engine.test`` (``per_category_mean_image_AUROC``, ...):
+#: each metric per category on raw scores, then the unweighted mean over categories, as the papers
+#: report. anomalib's Evaluator logs ``image_AUROC``, ``pixel_AUROC``, ... beside them: one value over
+#: all categories' images pooled, on normalised scores, which is not the papers' number. Until
+#: issue 17 the prefix was ``mean_`` (``mean_image_AUROC``), too easily read as anomalib's.
+LOGGED_MEAN_PREFIX = "per_category_mean_"
 #: Separates a dataset name from a category name in a union of datasets (``"visa/pcb1"``).
 SOURCE_SEPARATOR = "/"
 
@@ -410,8 +417,9 @@ class PerCategoryMetrics(Callback):
 
     Pass it to the engine: ``Engine(callbacks=[PerCategoryMetrics()])``; after ``engine.test``
     the table is printed, saved as CSV (raw fractions, full precision) and kept in
-    :attr:`results`. The means are also logged as ``mean_<metric>`` (so they appear in the
-    dict returned by ``engine.test``). Only the test loop is collected, not validation.
+    :attr:`results`. The means are also logged as ``per_category_mean_<metric>``
+    (:data:`LOGGED_MEAN_PREFIX`), so they appear in the dict returned by ``engine.test`` beside
+    anomalib's pooled ``image_AUROC``. Only the test loop is collected, not validation.
 
     Category of an image: the batch's ``category`` field (``CategoryImageBatch`` from the
     multi-class datamodule); for batches without it (anomalib's own datamodules)
@@ -626,7 +634,9 @@ class PerCategoryMetrics(Callback):
             size = "x".join(map(str, self.eval_size)) if self.eval_size else "prediction resolution"
             print(  # noqa: T201
                 f"\nPer-category metrics (%), {self.score_source or 'raw'} scores, pixel metrics at {size}, "
-                f"AUPRO up to FPR {AUPRO_FPR_LIMIT}:\n{format_table(df)}\nSaved to {self.csv_path}\n",
+                f"AUPRO up to FPR {AUPRO_FPR_LIMIT}:\n{format_table(df)}\nSaved to {self.csv_path}\n"
+                f"The mean row is logged as {LOGGED_MEAN_PREFIX}<metric> (the papers' number); anomalib's "
+                "image_AUROC/pixel_AUROC, if also logged, pool all categories on normalised scores.\n",
             )
 
         if isinstance(pl_module, LightningModule) and getattr(pl_module, "_trainer", None) is not None:
@@ -634,4 +644,4 @@ class PerCategoryMetrics(Callback):
             for column in METRIC_COLUMNS:
                 value = float(mean[column])
                 if not math.isnan(value):
-                    pl_module.log(f"mean_{column}", value, rank_zero_only=True)
+                    pl_module.log(f"{LOGGED_MEAN_PREFIX}{column}", value, rank_zero_only=True)

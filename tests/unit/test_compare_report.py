@@ -56,6 +56,7 @@ def test_report_tables_match_the_models_tables_and_list_failures(tmp_path: Path)
     assert "bad \\| model" in text and "DownloadBlockedError: no network" in text  # failed, with its error, pipe escaped
     assert "5.0 (4.0)" in text and "n/a (export failed: X)" in text  # latency median (min); OpenVINO reason
     assert "- **seed**: 0" in text
+    assert "per_category_mean_<metric>" in text and "pools the normalised scores of all categories" in text
     payload = json.loads(paths["json"].read_text())
     assert {m["model"] for m in payload["models"]} == {"m1", "m2", "bad | model"}
     for name in ("mean_metrics", "per_category_heatmap", "anomaly_maps"):

