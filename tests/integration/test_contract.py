@@ -193,3 +193,4 @@ def test_exports_give_the_torch_scores(fitted: dict[str, Any], tmp_path: Path, c
         np.testing.assert_array_equal(as_array(prediction.pred_label).ravel(), fitted["pred_labels"], err_msg=f"{fitted['name']} {kind.value} labels")
     print(f"{fitted['name']}: export vs torch (relative to max(1, |torch|)): " + ", ".join(f"{k} {v:.1e}" for k, v in gaps.items()))
     assert max(gaps.values()) <= EXPORT_TOLERANCE, gaps
+
