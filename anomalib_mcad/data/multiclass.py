@@ -500,7 +500,6 @@ class MultiClassDataModule(AnomalibDataModule):
         """Build the concatenated train and test sets (and the support set)."""
         needed = list(dict.fromkeys(self.train_categories + self.test_categories))
         train_frames, test_frames = self._frames(needed)
-        task = self._task(needed, test_frames)
         by_cat_train = dict(zip(needed, train_frames, strict=True))
         by_cat_test = dict(zip(needed, test_frames, strict=True))
         rng = np.random.default_rng(self.seed)
@@ -516,6 +515,8 @@ class MultiClassDataModule(AnomalibDataModule):
             if self.k_shot is not None:
                 frame = self._pick(frame, self.k_shot, rng, category)
             train.append(frame)
+        # after the per-category checks, so an empty category is named as such, not as one without masks
+        task = self._task(needed, test_frames)
         train_samples = pd.concat(train, ignore_index=True)
         if len(train_samples) == 0:
             msg = "The training set is empty"

@@ -1,10 +1,7 @@
-"""Dinomaly through anomalib's Engine: the contract of anomalib's own model integration test.
+"""Dinomaly through anomalib's Engine: multi-class training and its learning check.
 
-anomalib's ``tests/integration/model/test_models.py`` fits each model, then tests, trains,
-validates and predicts from the checkpoint and exports it (ONNX and OpenVINO parity for every model of ours:
-``test_export_parity.py``). The same here, on
-the offline synthetic dataset, read once with anomalib's own single-category ``MVTecAD`` and
-once with our multi-class datamodule.
+anomalib's model contract (fit, test, train, validate, predict, reload, export) is tested for every
+model of ours in ``test_contract.py``.
 """
 
 from __future__ import annotations
@@ -14,9 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
-from anomalib.data import MVTecAD
-from anomalib.deploy import ExportType
 from anomalib.engine import Engine
 from lightning.pytorch import Callback, seed_everything
 
@@ -34,65 +28,6 @@ class LossRecorder(Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:  # noqa: ANN401, ARG002
         self.losses.append(float(outputs["loss"]))
-
-
-@pytest.fixture(scope="module")
-def fitted(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory, tiny_dinomaly_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Fit a tiny Dinomaly on one category with anomalib's MVTecAD datamodule, as anomalib's test does."""
-    seed_everything(0)
-    project = tmp_path_factory.mktemp("project")
-    kwargs = dict(tiny_dinomaly_kwargs)
-    datamodule = MVTecAD(root=synthetic_root, category="brick", train_batch_size=2, eval_batch_size=4, num_workers=0)
-    model = Dinomaly(**kwargs)
-    engine = Engine(logger=False, default_root_dir=project, max_epochs=1, devices=1, accelerator="cpu")
-    engine.fit(model=model, datamodule=datamodule)
-    ckpt = engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
-    assert Path(ckpt).is_file()
-    return {"kwargs": kwargs, "datamodule": datamodule, "project": project, "ckpt": ckpt, "root": synthetic_root}
-
-
-def fresh(fitted: dict[str, Any]) -> tuple[Dinomaly, MVTecAD, Engine]:
-    datamodule = MVTecAD(root=fitted["root"], category="brick", train_batch_size=2, eval_batch_size=4, num_workers=0)
-    engine = Engine(logger=False, default_root_dir=fitted["project"], max_epochs=1, devices=1, accelerator="cpu")
-    return Dinomaly(**fitted["kwargs"]), datamodule, engine
-
-
-def test_test_from_checkpoint(fitted: dict[str, Any]) -> None:
-    model, datamodule, engine = fresh(fitted)
-    results = engine.test(model=model, datamodule=datamodule, ckpt_path=fitted["ckpt"])
-    assert 0.0 <= results[0]["image_AUROC"] <= 1.0
-
-
-def test_train_validate_predict_from_checkpoint(fitted: dict[str, Any]) -> None:
-    model, datamodule, engine = fresh(fitted)
-    engine.train(model=model, datamodule=datamodule, ckpt_path=fitted["ckpt"])
-    model, datamodule, engine = fresh(fitted)
-    engine.validate(model=model, datamodule=datamodule, ckpt_path=fitted["ckpt"])
-    model, datamodule, engine = fresh(fitted)
-    predictions = engine.predict(model=model, datamodule=datamodule, ckpt_path=fitted["ckpt"])
-    batch = predictions[0]
-    assert batch.pred_score.shape[0] == batch.image.shape[0]
-    assert batch.anomaly_map.shape[-2:] == (56, 56)
-
-
-def test_export_torch_from_checkpoint(fitted: dict[str, Any], tmp_path: Path) -> None:
-    """Torch export from the checkpoint (ONNX and OpenVINO, and their parity with torch: test_export_parity.py)."""
-    model, _, engine = fresh(fitted)
-    path = Path(engine.export(model=model, ckpt_path=fitted["ckpt"], export_type=ExportType.TORCH, export_root=tmp_path))
-    assert path.is_file()
-    written = sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file())
-    assert written > 4 * 15_000_000  # the ~15 M trainable float32 weights are in it
-
-
-def test_checkpoint_reloads_with_identical_scores(fitted: dict[str, Any]) -> None:
-    loaded = Dinomaly.load_from_checkpoint(fitted["ckpt"], map_location="cpu").eval()
-    model = Dinomaly(**fitted["kwargs"]).eval()
-    state = torch.load(fitted["ckpt"], map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict(state)
-    x = torch.rand(2, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x).pred_score, model(x).pred_score)
-    assert loaded.hparams.encoder_name == "vit_small_patch14_reg4_dinov2"
 
 
 def test_multiclass_training_reduces_loss_and_writes_per_category_table(

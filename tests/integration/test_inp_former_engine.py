@@ -1,9 +1,7 @@
-"""INP-Former through anomalib's Engine: the model-integration contract, the four settings, a learning check.
+"""INP-Former through anomalib's Engine: the four settings and a learning check (the contract: test_contract.py).
 
-As anomalib's ``tests/integration/model/test_models.py``: fit, then test, train, validate and
-predict from the checkpoint, export to torch (ONNX/OpenVINO parity: ``test_export_parity.py``). Then the
-multi-class, few-shot and zero-shot settings each write the per-category table (single-class is
-the fit on one category with anomalib's own ``MVTecAD``).
+The multi-class, few-shot and zero-shot settings each write the per-category table; single-class is
+the fit on one category with anomalib's own ``MVTecAD``, whose model the zero-shot test reuses.
 """
 
 from __future__ import annotations
@@ -14,9 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from anomalib.data import MVTecAD
-from anomalib.deploy import ExportType
 from anomalib.engine import Engine
 from lightning.pytorch import Callback, seed_everything
 
@@ -64,36 +60,6 @@ def fitted(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     return {"project": project, "ckpt": ckpt, "root": synthetic_root}
 
 
-def fresh(fitted: dict[str, Any]) -> tuple[InpFormer, MVTecAD, Engine]:
-    datamodule = MVTecAD(root=fitted["root"], category="brick", train_batch_size=2, eval_batch_size=4, num_workers=0)
-    return InpFormer(**TINY), datamodule, Engine(default_root_dir=fitted["project"], max_epochs=1, **QUIET)
-
-
-def test_test_train_validate_predict_from_checkpoint(fitted: dict[str, Any]) -> None:
-    model, datamodule, engine = fresh(fitted)
-    results = engine.test(model=model, datamodule=datamodule, ckpt_path=fitted["ckpt"])
-    assert 0.0 <= results[0]["image_AUROC"] <= 1.0
-    assert set(table(fitted["project"])["category"]) == {"brick", "mean"}
-    model, datamodule, engine = fresh(fitted)
-    engine.train(model=model, datamodule=datamodule, ckpt_path=fitted["ckpt"])
-    model, datamodule, engine = fresh(fitted)
-    engine.validate(model=model, datamodule=datamodule, ckpt_path=fitted["ckpt"])
-    model, datamodule, engine = fresh(fitted)
-    batch = engine.predict(model=model, datamodule=datamodule, ckpt_path=fitted["ckpt"])[0]
-    assert batch.pred_score.shape[0] == batch.image.shape[0]
-    assert batch.anomaly_map.shape[-2:] == (56, 56)
-
-
-def test_export_torch(fitted: dict[str, Any], tmp_path: Path) -> None:
-    """Torch export (ONNX and OpenVINO: test_export_parity.py)."""
-    model, _, engine = fresh(fitted)
-    path = engine.export(model=model, ckpt_path=fitted["ckpt"], export_type=ExportType.TORCH, export_root=tmp_path)
-    assert Path(path).is_file()
-    exported = torch.load(path, weights_only=False)["model"].eval()
-    with torch.no_grad():
-        assert exported(torch.rand(1, 3, 64, 64)).pred_score.shape == (1,)
-
-
 def test_multi_class_learns_and_writes_table(synthetic_root: Path, tmp_path: Path) -> None:
     """Learning check: 40 steps on all three categories; the loss falls and image AUROC beats the floor.
 
@@ -120,14 +86,15 @@ def test_multi_class_learns_and_writes_table(synthetic_root: Path, tmp_path: Pat
 def test_zero_shot_on_unseen_categories(fitted: dict[str, Any], tmp_path: Path) -> None:
     """Zero-shot (appendix K): the model fitted on brick alone scores grass and washer, never seen,
     by each image's own INPs; nothing is trained and the per-category table is written."""
-    zero_shot = InpFormer.load_from_checkpoint(fitted["ckpt"], zero_shot=True, map_location="cpu")
+    zero_shot = InpFormer.load_from_checkpoint(fitted["ckpt"], zero_shot=True, map_location="cpu", weights_only=True)
     assert zero_shot.model.zero_shot
     target = MultiClassDataModule(root=fitted["root"], categories=["grass", "washer"], eval_batch_size=8, num_workers=0)
     results = Engine(default_root_dir=tmp_path, **QUIET).test(model=zero_shot, datamodule=target)
-    assert 0.0 <= results[0]["image_AUROC"] <= 1.0
     zs = table(tmp_path).set_index("category")
     assert set(zs.index) == {"grass", "washer", "mean"}
+    assert np.isfinite(zs.loc[["grass", "washer"], "image_AUROC"]).all()
     assert zs.loc["mean", "image_AUROC"] == pytest.approx(zs.loc[["grass", "washer"], "image_AUROC"].mean())
+    assert results[0]["mean_image_AUROC"] == pytest.approx(zs.loc["mean", "image_AUROC"], abs=1e-6)
 
 
 def test_few_shot_with_augmentation(synthetic_root: Path, tmp_path: Path) -> None:

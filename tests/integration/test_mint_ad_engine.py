@@ -1,9 +1,8 @@
-"""MINT-AD through anomalib's Engine: the model-integration contract, export without labels (OpenVINO/ONNX parity: test_export_parity.py).
+"""MINT-AD through anomalib's Engine: category labels in training, and a learning check on real features.
 
-As anomalib's ``tests/integration/model/test_models.py``: fit, then test, train, validate and
-predict from the checkpoint, export to every type. MINT-AD trains with category labels, so the
-data is our multi-class datamodule on the offline synthetic dataset (anomalib's single-category
-``MVTecAD`` carries none: that is a clear error, tested here too). A tiny network (lite0
+anomalib's model contract (fit, test, train, validate, predict, reload, export) is tested for every
+model of ours in ``test_contract.py``. MINT-AD trains with category labels: anomalib's single-category
+``MVTecAD`` carries none, which is a clear error (tested here). A tiny network (lite0
 backbone without weights, 64 px, 4 x 4 grid, 2 + 2 layers of width 64) keeps it fast.
 """
 
@@ -16,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from anomalib.data import MVTecAD
-from anomalib.deploy import ExportType
 from lightning.pytorch import Callback, seed_everything
 
 from anomalib_mcad.data import MultiClassDataModule
@@ -37,55 +35,12 @@ TINY: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="module")
-def fitted(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory, cpu_engine: Any, multiclass_datamodule: Any) -> dict[str, Any]:
-    """Fit a tiny MINT-AD on the three synthetic categories; num_classes comes from the datamodule."""
-    seed_everything(0)
-    project = tmp_path_factory.mktemp("mint_project")
-    model = MintAd(**TINY)
-    eng = cpu_engine(project, max_steps=4)
-    eng.fit(model=model, datamodule=multiclass_datamodule(synthetic_root))
-    ckpt = eng.trainer.checkpoint_callback.best_model_path or eng.trainer.checkpoint_callback.last_model_path
-    assert Path(ckpt).is_file()
-    assert model.hparams.num_classes == 3
-    return {"project": project, "ckpt": ckpt, "root": synthetic_root}
-
-
-def test_test_train_validate_predict_from_checkpoint(fitted: dict[str, Any], cpu_engine: Any, multiclass_datamodule: Any) -> None:
-    root, project, ckpt = fitted["root"], fitted["project"], fitted["ckpt"]
-    results = cpu_engine(project).test(model=MintAd(**TINY), datamodule=multiclass_datamodule(root), ckpt_path=ckpt)
-    assert 0.0 <= results[0]["image_AUROC"] <= 1.0
-    cpu_engine(project, max_steps=6).train(model=MintAd(**TINY), datamodule=multiclass_datamodule(root), ckpt_path=ckpt)
-    cpu_engine(project).validate(model=MintAd(**TINY), datamodule=multiclass_datamodule(root), ckpt_path=ckpt)
-    predictions = cpu_engine(project).predict(model=MintAd(**TINY), datamodule=multiclass_datamodule(root), ckpt_path=ckpt)
-    batch = predictions[0]
-    assert batch.pred_score.shape[0] == batch.image.shape[0]
-    assert batch.anomaly_map.shape[-2:] == (64, 64)
-
-
 def test_single_category_datamodule_without_labels_is_a_clear_error(synthetic_root: Path, tmp_path: Path, cpu_engine: Any) -> None:
     dm = MVTecAD(root=synthetic_root, category="brick", train_batch_size=4, eval_batch_size=4, num_workers=0)
     with pytest.raises(ValueError, match="no categories.*MultiClassDataModule"):
         cpu_engine(tmp_path, max_steps=1).fit(model=MintAd(**TINY), datamodule=dm)
     # the image prompt needs no labels: anomalib's own datamodule works
     cpu_engine(tmp_path, max_steps=1).fit(model=MintAd(**TINY, prompt_type="image"), datamodule=dm)
-
-
-def test_export_torch(fitted: dict[str, Any], tmp_path: Path, cpu_engine: Any) -> None:
-    """Torch export; ONNX and OpenVINO exports are checked in test_export_parity.py."""
-    path = cpu_engine(fitted["project"]).export(model=MintAd(**TINY), ckpt_path=fitted["ckpt"], export_type=ExportType.TORCH, export_root=tmp_path)
-    assert Path(path).is_file()
-
-
-def test_checkpoint_reloads_with_identical_scores(fitted: dict[str, Any]) -> None:
-    loaded = MintAd.load_from_checkpoint(fitted["ckpt"], map_location="cpu").eval()
-    model = MintAd(**TINY, num_classes=3).eval()
-    state = torch.load(fitted["ckpt"], map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict(state)
-    x = torch.rand(2, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x).pred_score, model(x).pred_score)
-    assert loaded.hparams.num_classes == 3
 
 
 def test_learning_on_real_features(tmp_path: Path, cpu_engine: Any) -> None:

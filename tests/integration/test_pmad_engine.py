@@ -1,4 +1,4 @@
-"""PMAD through anomalib's Engine: fit/test/predict, checkpoint restore, cross-class and few-shot (export parity: test_export_parity.py).
+"""PMAD through anomalib's Engine: checkpoint restore, learning check, cross-class and few-shot (the contract: test_contract.py).
 
 A tiny network keeps it fast: ViT width 32, 2 blocks, 64 px on an 8 x 8 patch grid, the random
 ``small`` tokenizer (64 codes) and ProtoFlow on EfficientNet-Lite0 (random in the contract
@@ -77,7 +77,7 @@ def fitted(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 def test_checkpoint_restores_tokenizer_prototypes_flow_and_scores(fitted: dict[str, Any]) -> None:
     trained: Pmad = fitted["model"].eval()
-    loaded = Pmad.load_from_checkpoint(fitted["ckpt"], map_location="cpu").eval()
+    loaded = Pmad.load_from_checkpoint(fitted["ckpt"], map_location="cpu", weights_only=True).eval()
     pf, lpf = trained.model.protoflow, loaded.model.protoflow
     torch.testing.assert_close(lpf.bank.memory, pf.bank.memory)
     torch.testing.assert_close(lpf.bank.labels, pf.bank.labels)
@@ -103,17 +103,6 @@ def test_prototypes_come_from_one_full_pass_over_the_training_set(fitted: dict[s
     prototypes, kept = model.model.protoflow.fit_prototypes(embeddings, labels)
     torch.testing.assert_close(model.model.protoflow.bank.memory, prototypes)
     torch.testing.assert_close(model.model.protoflow.bank.labels, kept)
-
-
-def test_test_and_predict_from_checkpoint(fitted: dict[str, Any]) -> None:
-    dm = MultiClassDataModule(root=fitted["root"], eval_batch_size=8, num_workers=0)
-    results = Engine(default_root_dir=fitted["project"], **QUIET).test(model=Pmad(**TINY), datamodule=dm, ckpt_path=fitted["ckpt"])
-    assert 0.0 <= results[0]["image_AUROC"] <= 1.0
-    assert set(table(fitted["project"]).index) == {"brick", "grass", "washer", "mean"}
-    predictions = Engine(default_root_dir=fitted["project"], **QUIET).predict(model=Pmad(**TINY), datamodule=dm, ckpt_path=fitted["ckpt"])
-    batch = predictions[0]
-    assert batch.pred_score.shape[0] == batch.image.shape[0]
-    assert batch.anomaly_map.shape[-2:] == (64, 64)
 
 
 def test_learning_check_multi_class(tmp_path: Path) -> None:
@@ -166,4 +155,5 @@ def test_cross_class_with_few_shot_prototypes(fitted: dict[str, Any], synthetic_
     assert set(model.model.protoflow.bank.labels.tolist()) == {0, 1, 2}  # washer's support prototypes added
     result = table(tmp_path)
     assert set(result.index) == {"washer", "mean"}
-    assert 0.0 <= result.loc["washer", "image_AUROC"] <= 1.0
+    assert np.isfinite(result.loc["washer", "image_AUROC"])
+    assert result.loc["mean", "image_AUROC"] == result.loc["washer", "image_AUROC"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from anomalib_mcad.models.components.validation import NotFittedError
 from anomalib_mcad.models.components.coreset import NearestNeighbourBank, kcenter_greedy_indices
 
 
@@ -88,7 +89,7 @@ def test_bank_checkpoint_round_trip_resizes_buffers() -> None:
 
 def test_empty_bank_and_wrong_width_are_clear_errors() -> None:
     bank = NearestNeighbourBank()
-    with pytest.raises(RuntimeError, match="bank is empty"):
+    with pytest.raises(NotFittedError, match="bank is empty: fit the model"):
         bank.nearest(torch.randn(2, 3))
     bank.fit(torch.randn(4, 3))
     with pytest.raises(ValueError, match="channels"):

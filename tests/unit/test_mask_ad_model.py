@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from anomalib_mcad.models.components.validation import NotFittedError
 from anomalib_mcad.models.components.foreground import foreground_mask, otsu_threshold
 from anomalib_mcad.models.components.sinkhorn import sinkhorn
 from anomalib_mcad.models.image.mask_ad import MaskAd, MaskAdModel
@@ -247,7 +248,7 @@ def test_bad_images_are_clear_errors(shared: MaskAdModel, images: torch.Tensor, 
 
 
 def test_empty_bank_is_a_clear_error() -> None:
-    with pytest.raises(RuntimeError, match="bank is empty"):
+    with pytest.raises(NotFittedError, match="bank is empty: fit the model"):
         MaskAdModel(**TINY).eval()(torch.rand(1, 3, 64, 64))
 
 

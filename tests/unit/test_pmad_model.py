@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F  # noqa: N812
 
+from anomalib_mcad.models.components.validation import NotFittedError
 from anomalib_mcad.models.image.pmad import DalleTokenizer, MaskedImageModel, Pmad, PmadModel, VqViTTokenizer
 from anomalib_mcad.models.image.pmad.protoflow import aggregate_scales
 from anomalib_mcad.models.image.pmad.torch_model import MVTEC_MASK_RATIOS
@@ -224,7 +225,7 @@ def test_bad_inputs_are_clear_errors(fitted: PmadModel) -> None:
         fitted(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="built for 64x64"):
         fitted(torch.randn(1, 3, 72, 72))
-    with pytest.raises(RuntimeError, match="train the model"):
+    with pytest.raises(NotFittedError, match=r"no prototypes or likelihood reference yet: train the model \(Engine.fit\)"):
         PmadModel(**SMALL)(torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="open interval"):
         PmadModel(**SMALL, default_mask_ratio=1.0)

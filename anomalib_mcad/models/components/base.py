@@ -42,6 +42,27 @@ INT8_PRESETS = ("mixed", "performance")
 INT8_CALIBRATION_IMAGES = 300
 
 
+def calibration_dataset(datamodule: Any) -> tuple[Any, int]:  # noqa: ANN401
+    """NNCF dataset of the datamodule's first :data:`INT8_CALIBRATION_IMAGES` training images, and their count.
+
+    Deterministic: the training set in its own order (category, then file name, for our
+    datamodule), one image per item, without training augmentations, no shuffling; so an INT8
+    export depends on the training images only, never on a random draw or the batch size.
+    """
+    import copy  # noqa: PLC0415
+
+    import nncf  # noqa: PLC0415
+    from torch.utils.data import DataLoader, Subset  # noqa: PLC0415
+
+    datamodule.setup("fit")
+    data = copy.copy(datamodule.train_data)
+    if hasattr(data, "augmentations"):
+        data.augmentations = None
+    size = min(INT8_CALIBRATION_IMAGES, len(data))
+    loader = DataLoader(Subset(data, range(size)), batch_size=1, shuffle=False, num_workers=0, collate_fn=data.collate_fn)
+    return nncf.Dataset(loader, lambda batch: batch.image.numpy()), size
+
+
 def _rng_states() -> dict[str, Any]:
     """Lightning's collection of the torch, CUDA, NumPy and Python RNG states, in plain types."""
     from lightning.fabric.utilities.seed import _collect_rng_states  # noqa: PLC0415
@@ -96,6 +117,76 @@ def map_smoothing_convolutions(model: Any) -> list[str]:  # noqa: ANN401
     return names
 
 
+#: OpenVINO operations between a distance product and the nearest-neighbour choice it feeds (norms
+#: added, the product scaled by -2, clamped at zero).
+_DISTANCE_ARITHMETIC = ("Add", "Subtract", "Multiply", "Clamp", "Maximum", "Sqrt", "Convert")
+#: How many of those operations may separate the product from its ``TopK``.
+_DISTANCE_HOPS = 4
+
+
+def nearest_neighbour_matmuls(model: Any) -> list[str]:  # noqa: ANN401
+    """Names of the OpenVINO model's matrix products with a constant table that feed a nearest-entry search.
+
+    ``x @ table.T`` followed only by norm arithmetic (:data:`_DISTANCE_ARITHMETIC`) and a ``TopK``
+    (``argmin``/``topk`` over squared distances): the prototype search of ``CoresetBank`` and a
+    tokenizer's codebook search. Their products decide discrete choices (nearest prototype,
+    token target, category vote, masked patches); quantized, nearby entries swap and the scores
+    jump, so INT8 post-training quantization keeps them in FP32.
+    """
+    names = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul" or op.input_value(1).get_node().get_type_name() != "Constant":
+            continue
+        frontier, found = [op], False
+        for _ in range(_DISTANCE_HOPS + 1):
+            consumers = [target.get_node() for node in frontier for output in node.outputs() for target in output.get_target_inputs()]
+            if any(c.get_type_name() == "TopK" for c in consumers):
+                found = True
+                break
+            frontier = [c for c in consumers if c.get_type_name() in _DISTANCE_ARITHMETIC]
+            if not frontier:
+                break
+        if found:
+            names.append(op.get_friendly_name())
+    return names
+
+
+def search_dependent_products(model: Any) -> list[str]:  # noqa: ANN401
+    """Names of the matrix products and convolutions computed from a nearest-entry search's result.
+
+    Everything forward of a nearest-neighbour ``TopK`` (the one after a
+    :func:`nearest_neighbour_matmuls` product) up to, not through, the next ``TopK``: for PMAD,
+    the residual to the nearest prototype and the normalizing flow that turns it into the
+    likelihood whose ranking picks the masked patches. Its couplings exponentiate their inputs,
+    so INT8 noise there reorders the proposals.
+    """
+    searches = set(nearest_neighbour_matmuls(model))
+    starts = []
+    for op in model.get_ordered_ops():
+        if op.get_friendly_name() not in searches:
+            continue
+        frontier = [op]
+        while frontier:  # the norm arithmetic up to the TopK
+            consumers = [t.get_node() for node in frontier for output in node.outputs() for t in output.get_target_inputs()]
+            starts += [c for c in consumers if c.get_type_name() == "TopK"]
+            frontier = [c for c in consumers if c.get_type_name() in _DISTANCE_ARITHMETIC]
+    names: list[str] = []
+    seen: set[str] = set()
+    frontier = starts
+    while frontier:
+        consumers = [t.get_node() for node in frontier for output in node.outputs() for t in output.get_target_inputs()]
+        frontier = []
+        for node in consumers:
+            name = node.get_friendly_name()
+            if name in seen or node.get_type_name() == "TopK":
+                continue
+            seen.add(name)
+            frontier.append(node)
+            if node.get_type_name() in ("MatMul", "Convolution", "GroupConvolution"):
+                names.append(name)
+    return names
+
+
 #: anomalib's ``PostProcessor`` statistics (NaN until fitted) and the switches under which its graph uses them.
 _NORMALISATION_STATISTICS = ("image_min", "image_max", "pixel_min", "pixel_max", "_image_threshold", "_pixel_threshold")
 _THRESHOLDS = ("_image_threshold", "_pixel_threshold")
@@ -139,10 +230,12 @@ class McadModule(AnomalibModule):
       format, is a :class:`CheckpointMismatchError` that says what the file holds.
     * OpenVINO INT8 post-training quantization (anomalib's ``compression_type=int8_ptq``) is
       calibrated on *training* images (anomalib's own uses the validation set, a copy of the
-      test set with its default datamodules) and quantizes only the heavy operations
-      (convolutions, matrix products); the elementwise scoring arithmetic stays FP32
-      (:data:`FP32_OPERATIONS`, and the one-channel convolutions that smooth score maps), without
-      which small reconstruction differences drown in quantization noise. NNCF's preset is the
+      test set with its default datamodules), in a fixed order (:func:`calibration_dataset`), and
+      quantizes only the heavy operations (convolutions, matrix products); the elementwise
+      scoring arithmetic stays FP32 (:data:`FP32_OPERATIONS`, the one-channel convolutions that
+      smooth score maps, and the distance products of nearest-entry searches:
+      :func:`nearest_neighbour_matmuls`), without which small reconstruction differences drown
+      in quantization noise. NNCF's preset is the
       class attribute ``int8_preset``.
     * What every model of ours does alike: validation scores the images alone (no labels),
       trainer arguments (gradient clipping from the ``gradient_clip_val`` hyperparameter, no
@@ -153,6 +246,8 @@ class McadModule(AnomalibModule):
     #: NNCF preset of INT8 post-training quantization (one of :data:`INT8_PRESETS`); a model sets
     #: the one under which its INT8 scores track FP32 best (README, "Memory and throughput").
     int8_preset: str = "mixed"
+    #: Keep what a nearest-entry search's result flows into in FP32 under INT8 (:func:`search_dependent_products`).
+    int8_fp32_after_search: bool = False
 
     def configure_callbacks(self) -> list[Callback]:
         """anomalib's components, preceded by the per-category table at the end of ``test``.
@@ -289,15 +384,14 @@ class McadModule(AnomalibModule):
                 "fills them), or build the model with post_processor=False to export raw scores."
             )
             raise ValueError(msg)
-        datamodule.setup("fit")
-        loader = datamodule.train_dataloader()
-        size = min(INT8_CALIBRATION_IMAGES, len(loader.dataset))
+        dataset, size = calibration_dataset(datamodule)
         if size == 0:
             msg = "INT8 post-training quantization: the datamodule has no training images to calibrate on"
             raise ValueError(msg)
-        dataset = nncf.Dataset(loader, lambda batch: batch.image.numpy())
-        batches = -(-size // (loader.batch_size or 1))
-        ignored = nncf.IgnoredScope(names=map_smoothing_convolutions(model), types=list(FP32_OPERATIONS), validate=False)
+        fp32_names = map_smoothing_convolutions(model) + nearest_neighbour_matmuls(model)
+        if self.int8_fp32_after_search:
+            fp32_names += search_dependent_products(model)
+        ignored = nncf.IgnoredScope(names=fp32_names, types=list(FP32_OPERATIONS), validate=False)
         if self.int8_preset not in INT8_PRESETS:
             msg = f"int8_preset must be one of {INT8_PRESETS}, got {self.int8_preset!r}"
             raise ValueError(msg)
@@ -306,7 +400,7 @@ class McadModule(AnomalibModule):
         # size 1024 into shape (1,16,3)" inside _set_const_value, NNCF 3.4); the FP32 scoring tail makes
         # it unnecessary for the accuracy the INT8 test asks for.
         advanced = AdvancedQuantizationParameters(disable_bias_correction=True)
-        return nncf.quantize(model, dataset, preset=preset, subset_size=batches, ignored_scope=ignored, advanced_parameters=advanced)
+        return nncf.quantize(model, dataset, preset=preset, subset_size=size, ignored_scope=ignored, advanced_parameters=advanced)
 
     def setup(self, stage: str | None = None) -> None:
         """Under DDP, let models with several backward passes per step leave parameters unused.

@@ -20,7 +20,7 @@ from anomalib.models.components.dimensionality_reduction import SparseRandomProj
 from anomalib.models.components.sampling import KCenterGreedy
 from torch import nn
 
-from anomalib_mcad.models.components.validation import is_exporting
+from anomalib_mcad.models.components.validation import NotFittedError, is_exporting
 
 
 @contextlib.contextmanager
@@ -209,7 +209,7 @@ class NearestNeighbourBank(nn.Module):
         """
         if self.is_empty:
             msg = "The nearest-neighbour bank is empty: fit the model on training data before inference"
-            raise RuntimeError(msg)
+            raise NotFittedError(msg)
         if not is_exporting() and query.shape[-1] != self.memory.shape[1]:
             msg = f"query has {query.shape[-1]} channels, the bank holds {self.memory.shape[1]}-d rows"
             raise ValueError(msg)

@@ -9,6 +9,10 @@ from __future__ import annotations
 import torch
 
 
+class NotFittedError(RuntimeError):
+    """Inference asked of a model whose training-data memory (coreset, prototypes, network) is not built yet."""
+
+
 def is_exporting() -> bool:
     """True while TorchScript tracing, ONNX export or torch.export/compile is running."""
     return bool(

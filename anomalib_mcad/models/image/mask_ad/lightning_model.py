@@ -13,6 +13,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRScheduler
 
+from anomalib_mcad.models.components.validation import NotFittedError
 from anomalib_mcad.models.components.base import McadModule
 from anomalib_mcad.models.components.distributed import full_training_loader
 from anomalib_mcad.models.components.foreground import ForegroundMaskGenerator
@@ -293,7 +294,7 @@ class MaskAd(McadModule):
             if batches is None:
                 if needs_bank:
                     msg = "MaskAD has no coreset: fit it on a datamodule with training images (or load a checkpoint)"
-                    raise RuntimeError(msg)
+                    raise NotFittedError(msg)
                 return
             features, labels = self.collect_training_features(batches)
         if features is not None:

@@ -13,6 +13,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRScheduler
 
+from anomalib_mcad.models.components.validation import NotFittedError
 from anomalib_mcad.models.components.base import McadModule
 from anomalib_mcad.models.components.pre_processing import resize_crop_normalize
 from anomalib_mcad.models.components.weights import PretrainedArg
@@ -186,7 +187,7 @@ class MintAd(McadModule):
     def _require_model(self) -> MintAdModel:
         if self.model is None:
             msg = f"MINT-AD's network is built when training starts (num_classes=None). {NO_CATEGORIES_HINT}"
-            raise RuntimeError(msg)
+            raise NotFittedError(msg)
         return self.model
 
     @property

@@ -99,6 +99,8 @@ class Pmad(McadModule):
     #: Symmetric INT8 activations: on the synthetic check, INT8 scores correlated 0.84-0.99 with FP32's under
     #: "performance" (depending on the calibration images) and 0.39-0.42 under "mixed" (README, "Memory and throughput").
     int8_preset = "performance"
+    #: ProtoFlow's residual and flow stay FP32 under INT8: its NLL ranking picks the masked patches.
+    int8_fp32_after_search = True
 
     def __init__(
         self,
@@ -518,8 +520,21 @@ class Pmad(McadModule):
         protoflow.reference_nll.copy_(value.to(protoflow.reference_nll))
         self._reference_fitted = True
 
+    def on_train_batch_end(self, outputs: STEP_OUTPUT, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
+        """At the last batch of the flow's last epoch (or of the fit), fit the held-out reference.
+
+        Here rather than at the epoch's end: Lightning validates before ``on_train_epoch_end``, and
+        the image threshold that validation fits must come from the reference the model keeps.
+        """
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        trainer = self.trainer
+        last_batch = math.isfinite(trainer.num_training_batches) and batch_idx + 1 >= int(trainer.num_training_batches)
+        steps_done = trainer.max_steps is not None and trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps
+        if last_batch or steps_done:
+            self.on_train_epoch_end()
+
     def on_train_epoch_end(self) -> None:
-        """After the flow's last training epoch (or the fit's last epoch), fit the held-out reference."""
+        """After the flow's last training epoch (or the fit's last epoch), fit the held-out reference (once)."""
         if self.hparams.get("reference_quantile") is None or self._reference_fitted:
             return
         trainer = self.trainer

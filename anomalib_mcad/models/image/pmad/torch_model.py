@@ -32,7 +32,7 @@ from timm.models.beit import Beit
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_mcad.models.components.validation import check_images, is_exporting
+from anomalib_mcad.models.components.validation import NotFittedError, check_images, is_exporting
 from anomalib_mcad.models.components.weights import PretrainedArg, load_weights_file
 from anomalib_mcad.models.image.pmad.protoflow import ProtoFlow
 from anomalib_mcad.models.image.pmad.tokenizer import DalleTokenizer, FeatureCodeTokenizer, VqViTTokenizer
@@ -341,7 +341,7 @@ class PmadModel(nn.Module):
                 raise ValueError(msg)
             if not self.protoflow.is_fitted or not torch.isfinite(self.protoflow.reference_nll):
                 msg = "PMAD's ProtoFlow has no prototypes or likelihood reference yet: train the model (Engine.fit) first"
-                raise RuntimeError(msg)
+                raise NotFittedError(msg)
         batch = images.shape[0]
         embedding = self.protoflow.embed(images)
         nll, labels = self.protoflow.propose(images, category, embedding=embedding)
