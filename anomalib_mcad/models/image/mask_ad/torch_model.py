@@ -307,12 +307,7 @@ class MaskAdModel(nn.Module):
 
     def raw_features(self, images: torch.Tensor) -> torch.Tensor:
         """Tapped stages resized to ``feature_size`` (``feature_resize``) and concatenated (B, C, h, w)."""
-        size = (self.feature_size, self.feature_size)
-        if self.feature_resize == "area":
-            maps = [F.interpolate(m, size=size, mode="area") for m in self.backbone(images)]
-        else:
-            maps = [F.interpolate(m, size=size, mode="bilinear", align_corners=True) for m in self.backbone(images)]
-        return torch.cat(maps, dim=1)
+        return self.backbone.grid_features(images, self.feature_size, self.feature_resize)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """``h``: the raw features, standardised per channel when ``normalize_features``."""

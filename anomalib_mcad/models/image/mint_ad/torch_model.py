@@ -369,9 +369,7 @@ class MintAdModel(nn.Module):
 
     def original_features(self, images: torch.Tensor) -> torch.Tensor:
         """f': tapped stages resized to ``feature_size`` (bilinear, align corners as UniAD) and concatenated."""
-        size = (self.feature_size, self.feature_size)
-        maps = [F.interpolate(m, size=size, mode="bilinear", align_corners=True) for m in self.backbone(images)]
-        return torch.cat(maps, dim=1)
+        return self.backbone.grid_features(images, self.feature_size)
 
     def class_token(self, adapted: torch.Tensor, category_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The class token ``t_c`` (B, 32) and class logits (or None) for adapted features (B, N, D).
