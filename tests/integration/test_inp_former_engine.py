@@ -94,7 +94,7 @@ def test_zero_shot_on_unseen_categories(fitted: dict[str, Any], tmp_path: Path) 
     assert set(zs.index) == {"grass", "washer", "mean"}
     assert np.isfinite(zs.loc[["grass", "washer"], "image_AUROC"]).all()
     assert zs.loc["mean", "image_AUROC"] == pytest.approx(zs.loc[["grass", "washer"], "image_AUROC"].mean())
-    assert results[0]["mean_image_AUROC"] == pytest.approx(zs.loc["mean", "image_AUROC"], abs=1e-6)
+    assert results[0]["per_category_mean_image_AUROC"] == pytest.approx(zs.loc["mean", "image_AUROC"], abs=1e-6)
 
 
 def test_few_shot_with_augmentation(synthetic_root: Path, tmp_path: Path) -> None:

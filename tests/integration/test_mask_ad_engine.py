@@ -72,7 +72,7 @@ def test_restrict_to_category_searches_the_images_own_coreset(fitted: dict[str, 
     table = pd.read_csv(csv).set_index("category")
     assert set(table.index) == {"brick", "grass", "washer", "mean"}
     assert np.isfinite(table["image_AUROC"]).all()
-    assert results[0]["mean_image_AUROC"] == pytest.approx(table.loc["mean", "image_AUROC"], abs=1e-6)
+    assert results[0]["per_category_mean_image_AUROC"] == pytest.approx(table.loc["mean", "image_AUROC"], abs=1e-6)
 
 
 def test_checkpoint_restores_coreset_flow_and_po(fitted: dict[str, Any]) -> None:

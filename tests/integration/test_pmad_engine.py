@@ -72,7 +72,16 @@ def fitted(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     engine.fit(model=model, datamodule=MultiClassDataModule(root=synthetic_root, train_batch_size=8, eval_batch_size=8, num_workers=0))
     ckpt = engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
     assert Path(ckpt).is_file()
-    return {"project": project, "ckpt": ckpt, "root": synthetic_root, "model": model}
+    steps = {"global": int(engine.trainer.global_step), "batches": 2 * int(engine.trainer.num_training_batches)}
+    return {"project": project, "ckpt": ckpt, "root": synthetic_root, "model": model, "steps": steps}
+
+
+def test_steps_count_batches_while_the_flow_trains_too(fitted: dict[str, Any]) -> None:
+    """Two optimisers step per batch in epoch 0 (MIM and flow), yet global_step counts batches, as for the other models.
+
+    Counting both optimisers gave 3 x batches per epoch here (max_steps meant half as much for PMAD).
+    """
+    assert fitted["steps"]["global"] == fitted["steps"]["batches"] > 0
 
 
 def test_checkpoint_restores_tokenizer_prototypes_flow_and_scores(fitted: dict[str, Any]) -> None:

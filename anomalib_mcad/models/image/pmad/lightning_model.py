@@ -438,7 +438,9 @@ class Pmad(McadModule):
             flow_loss = model.protoflow.loss(nll)
             flow_opt.zero_grad()
             self.manual_backward(flow_loss)
-            flow_opt.step()
+            # through the strategy (precision plugins still apply) but not LightningOptimizer.step, so the
+            # flow's step is not counted: global_step and max_steps count batches, as for the other models
+            self.trainer.strategy.optimizer_step(flow_opt.optimizer, closure=lambda: None)
             flow_sched.step()
             nll = nll.detach()
         else:
