@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from lightning.pytorch import Callback, seed_everything
@@ -66,8 +67,6 @@ def test_restrict_to_category_searches_the_images_own_coreset(fitted: dict[str, 
     results = cpu_engine(fitted["project"]).test(
         model=MaskAd(**TINY, restrict_to_category=True), datamodule=multiclass_datamodule(fitted["root"]), ckpt_path=fitted["ckpt"]
     )
-    import pandas as pd
-
     csv = max(fitted["project"].rglob("per_category_metrics.csv"), key=lambda p: p.stat().st_mtime)
     table = pd.read_csv(csv).set_index("category")
     assert set(table.index) == {"brick", "grass", "washer", "mean"}

@@ -63,11 +63,11 @@ def test_feature_code_tokenizer_is_kmeans_on_pooled_protoflow_features() -> None
     emb = model.protoflow.embed(train)  # (6, C, 8, 8) at stride 8; ViT grid 4 x 4
     rows = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
     state = torch.random.get_rng_state()
-    model.fit_feature_codes(rows, images=6, seed=3)
+    model.fit_feature_codes(rows, seed=3)
     assert torch.equal(torch.random.get_rng_state(), state)  # the training's random stream is untouched
     assert model.tokenizer.is_fitted
     first = model.tokenizer.codebook.clone()
-    model.fit_feature_codes(rows, images=6, seed=3)
+    model.fit_feature_codes(rows, seed=3)
     torch.testing.assert_close(model.tokenizer.codebook, first)  # deterministic
     pooled = F.avg_pool2d(emb, 2)  # stride 8 -> the 16-px ViT grid
     ids = model.token_targets(train)

@@ -124,6 +124,11 @@ _DISTANCE_ARITHMETIC = ("Add", "Subtract", "Multiply", "Clamp", "Maximum", "Sqrt
 _DISTANCE_HOPS = 4
 
 
+def _consumers(nodes: list[Any]) -> list[Any]:
+    """The OpenVINO nodes that read any output of ``nodes``."""
+    return [target.get_node() for node in nodes for output in node.outputs() for target in output.get_target_inputs()]
+
+
 def nearest_neighbour_matmuls(model: Any) -> list[str]:  # noqa: ANN401
     """Names of the OpenVINO model's matrix products with a constant table that feed a nearest-entry search.
 
@@ -139,7 +144,7 @@ def nearest_neighbour_matmuls(model: Any) -> list[str]:  # noqa: ANN401
             continue
         frontier, found = [op], False
         for _ in range(_DISTANCE_HOPS + 1):
-            consumers = [target.get_node() for node in frontier for output in node.outputs() for target in output.get_target_inputs()]
+            consumers = _consumers(frontier)
             if any(c.get_type_name() == "TopK" for c in consumers):
                 found = True
                 break
@@ -167,14 +172,14 @@ def search_dependent_products(model: Any) -> list[str]:  # noqa: ANN401
             continue
         frontier = [op]
         while frontier:  # the norm arithmetic up to the TopK
-            consumers = [t.get_node() for node in frontier for output in node.outputs() for t in output.get_target_inputs()]
+            consumers = _consumers(frontier)
             starts += [c for c in consumers if c.get_type_name() == "TopK"]
             frontier = [c for c in consumers if c.get_type_name() in _DISTANCE_ARITHMETIC]
     names: list[str] = []
     seen: set[str] = set()
     frontier = starts
     while frontier:
-        consumers = [t.get_node() for node in frontier for output in node.outputs() for t in output.get_target_inputs()]
+        consumers = _consumers(frontier)
         frontier = []
         for node in consumers:
             name = node.get_friendly_name()

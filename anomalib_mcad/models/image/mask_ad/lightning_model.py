@@ -20,7 +20,6 @@ from anomalib_mcad.models.components.foreground import ForegroundMaskGenerator
 from anomalib_mcad.models.components.masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from anomalib_mcad.models.components.pre_processing import resize_crop_normalize
 from anomalib_mcad.models.components.weights import PretrainedArg
-from anomalib_mcad.models.components.coreset import per_category_coreset_indices
 from anomalib_mcad.models.image.mask_ad.loss import MaskAdLoss
 from anomalib_mcad.models.image.mask_ad.torch_model import MaskAdModel
 
@@ -272,8 +271,7 @@ class MaskAd(McadModule):
         channels = features.shape[1]
         tokens = features.permute(0, 2, 3, 1).reshape(-1, channels)
         token_labels = labels.repeat_interleave(features.shape[-2] * features.shape[-1])
-        index = per_category_coreset_indices(tokens, token_labels, self.hparams.coreset_ratio, seed=self.hparams.mask_seed, project=False)
-        self.model.bank.fit(tokens[index], token_labels[index])
+        self.model.bank.fit_per_category(tokens, token_labels, self.hparams.coreset_ratio, seed=self.hparams.mask_seed, project=False)
         generator = torch.Generator().manual_seed(int(self.hparams.mask_seed))
         keep = torch.randperm(features.shape[0], generator=generator)[: self.hparams.calibration_maps]
         self._calibration = features[keep.to(features.device)].detach().clone()

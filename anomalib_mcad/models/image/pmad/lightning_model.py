@@ -328,7 +328,7 @@ class Pmad(McadModule):
         prototypes, kept, kept_sources = self.model.protoflow.fit_prototypes(embeddings, labels, sources=sources)
         self.model.protoflow.set_prototypes(prototypes, kept, kept_sources)
         if self.model.uses_feature_codes and not self.model.tokenizer.is_fitted:
-            self.model.fit_feature_codes(embeddings, images=int(sources.max()) + 1, seed=self.model.protoflow.seed)
+            self.model.fit_feature_codes(embeddings, seed=self.model.protoflow.seed)
 
     def _add_support_prototypes(self) -> None:
         """Prototypes of test categories without any, from the datamodule's k-shot support set."""

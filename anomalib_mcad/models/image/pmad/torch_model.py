@@ -299,10 +299,10 @@ class PmadModel(nn.Module):
         return F.adaptive_avg_pool2d(embedding, self.grid)
 
     @torch.no_grad()
-    def fit_feature_codes(self, rows: torch.Tensor, images: int, seed: int = 0) -> None:
+    def fit_feature_codes(self, rows: torch.Tensor, seed: int = 0) -> None:
         """Fit the ``features`` tokenizer on the training set's embedding rows (images * H/8 * W/8, C), image-major."""
         side = self.img_size // self.protoflow.reduction
-        maps = rows.reshape(images, side, side, -1).permute(0, 3, 1, 2)
+        maps = rows.reshape(-1, side, side, rows.shape[1]).permute(0, 3, 1, 2)
         pooled = self.grid_features(maps).permute(0, 2, 3, 1).reshape(-1, rows.shape[1])
         self.tokenizer.fit(pooled, seed=seed)
 
