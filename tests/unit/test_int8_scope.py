@@ -1,5 +1,5 @@
 """What INT8 post-training quantization leaves in FP32, found in the OpenVINO graph: map-smoothing convolutions,
-nearest-entry distance products and (for models that ask) what the search's result flows into."""
+nearest-entry distance products the feature network of a search that feeds later products and (for models that ask) what its result flows into."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_mcad.models.components.base import map_smoothing_convolutions, nearest_neighbour_matmuls, search_dependent_products
+from anomalib_mcad.models.components.base import map_smoothing_convolutions, nearest_neighbour_matmuls, search_operations
 
 
 class FeaturesThenBlur(nn.Module):
@@ -35,26 +35,46 @@ def test_only_the_one_channel_smoothing_convolution_is_found() -> None:
 
 
 class SearchThenFlow(nn.Module):
-    """Features, a nearest-prototype search over a constant table, and a layer on the residual (a flow's)."""
+    """Two searches over constant tables: a prototype search whose residual a layer reads (a flow's), and a
+    codebook search whose code only indexes a table (a tokenizer's target)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Linear(4, 4)
         self.register_buffer("table", torch.rand(6, 4))
         self.flow = nn.Linear(4, 4)
+        self.encoder = nn.Linear(4, 4)
+        self.register_buffer("codebook", torch.rand(5, 4))
+        self.register_buffer("code_scores", torch.rand(5))
+
+    @staticmethod
+    def nearest(z: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest row of ``table`` (squared distances expanded as the models do)."""
+        return ((z * z).sum(-1, keepdim=True) - 2.0 * z @ table.T + (table * table).sum(-1)).argmin(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.features(x)
-        distance = (z * z).sum(-1, keepdim=True) - 2.0 * z @ self.table.T + (self.table * self.table).sum(-1)
-        nearest = self.table[distance.argmin(-1)]
-        return self.flow(z - nearest).exp().sum(-1)
+        residual = z - self.table[self.nearest(z, self.table)]
+        code = self.nearest(self.encoder(x), self.codebook)
+        return self.flow(residual).exp().sum(-1) * self.code_scores[code]
 
 
-def test_distance_product_and_what_the_search_feeds_are_found() -> None:
+def test_the_search_that_feeds_a_flow_is_found_not_a_codebook_search() -> None:
     model = ov.convert_model(torch.export.export(SearchThenFlow().eval(), (torch.rand(5, 4),)))
-    products = {op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"}
-    assert len(products) == 3
+    products = {op.get_friendly_name(): op for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"}
+    types = {op.get_friendly_name(): op.get_type_name() for op in model.get_ordered_ops()}
+    assert len(products) == 5
     search = nearest_neighbour_matmuls(model)
-    after = search_dependent_products(model)
-    assert len(search) == 1 and len(after) == 1 and set(search).isdisjoint(after)
-    assert products - set(search) - set(after)  # the feature layer before the search stays quantizable
+    query = set(search_operations(model))
+    path = set(search_operations(model, after=True))
+    assert len(search) == 2 and path.isdisjoint(search) and query < path
+    # query side only: of the products, the features layer; the flow after the search stays quantizable
+    assert len(query & set(products)) == 1
+    assert "Exp" not in {types[n] for n in query}
+    # with what the result flows into: the features layer and the flow, with the residual and its exponential
+    assert len(path & set(products)) == 2
+    assert {"Exp", "Subtract"} <= {types[n] for n in path}
+    quantizable = set(products) - set(search) - path
+    assert len(quantizable) == 1  # the codebook search's encoder
+    (encoder,) = quantizable
+    assert products[encoder].input_value(0).get_node().get_type_name() == "Parameter"

@@ -118,10 +118,16 @@ def map_smoothing_convolutions(model: Any) -> list[str]:  # noqa: ANN401
 
 
 #: OpenVINO operations between a distance product and the nearest-neighbour choice it feeds (norms
-#: added, the product scaled by -2, clamped at zero).
-_DISTANCE_ARITHMETIC = ("Add", "Subtract", "Multiply", "Clamp", "Maximum", "Sqrt", "Convert")
+#: added, the product scaled by -2, clamped at zero, a category's rows masked, and the blocks of
+#: :func:`~anomalib_mcad.models.components.coreset.blockwise_min`: padded, reshaped, reduced, gathered).
+_DISTANCE_ARITHMETIC = (
+    "Add", "Subtract", "Multiply", "Clamp", "Maximum", "Sqrt", "Convert", "Select", "Pad", "Reshape", "ReduceMin",
+    "GatherElements", "Squeeze",
+)  # fmt: skip
 #: How many of those operations may separate the product from its ``TopK``.
-_DISTANCE_HOPS = 4
+_DISTANCE_HOPS = 6
+#: The operations INT8 post-training quantization quantizes (the rest is kept FP32 by :data:`FP32_OPERATIONS`).
+_HEAVY_OPERATIONS = ("MatMul", "Convolution", "GroupConvolution")
 
 
 def _consumers(nodes: list[Any]) -> list[Any]:
@@ -140,7 +146,7 @@ def nearest_neighbour_matmuls(model: Any) -> list[str]:  # noqa: ANN401
     """
     names = []
     for op in model.get_ordered_ops():
-        if op.get_type_name() != "MatMul" or op.input_value(1).get_node().get_type_name() != "Constant":
+        if op.get_type_name() != "MatMul" or not _computed_from_constants(op.input_value(1).get_node()):
             continue
         frontier, found = [op], False
         for _ in range(_DISTANCE_HOPS + 1):
@@ -156,40 +162,64 @@ def nearest_neighbour_matmuls(model: Any) -> list[str]:  # noqa: ANN401
     return names
 
 
-def search_dependent_products(model: Any) -> list[str]:  # noqa: ANN401
-    """Names of the matrix products and convolutions computed from a nearest-entry search's result.
+def _computed_from_constants(node: Any) -> bool:  # noqa: ANN401
+    """True when no graph input reaches ``node``: a constant, or a table padded or transposed from constants."""
+    return not any(op.get_type_name() == "Parameter" for op in _input_cone(node).values())
 
-    Everything forward of a nearest-neighbour ``TopK`` (the one after a
-    :func:`nearest_neighbour_matmuls` product) up to, not through, the next ``TopK``: for PMAD,
-    the residual to the nearest prototype and the normalizing flow that turns it into the
-    likelihood whose ranking picks the masked patches. Its couplings exponentiate their inputs,
-    so INT8 noise there reorders the proposals.
+
+def _input_cone(node: Any) -> dict[str, Any]:  # noqa: ANN401
+    """``node`` and every operation it is computed from (constants excluded), by name."""
+    cone = {node.get_friendly_name(): node}
+    frontier = [node]
+    while frontier:
+        sources = [value.get_node() for item in frontier for value in item.input_values()]
+        frontier = list({s.get_friendly_name(): s for s in sources if s.get_type_name() != "Constant" and s.get_friendly_name() not in cone}.values())
+        cone.update((s.get_friendly_name(), s) for s in frontier)
+    return cone
+
+
+def search_operations(model: Any, after: bool = False) -> list[str]:  # noqa: ANN401
+    """Names of the operations around each nearest-entry search whose result feeds later products.
+
+    A :func:`nearest_neighbour_matmuls` search counts when its result (its ``TopK``) flows into
+    further matrix products or convolutions before the next ``TopK`` (the one-channel
+    convolutions that smooth a score map, :func:`map_smoothing_convolutions`, do not count).
+    Returned: every operation its query is computed from (the feature network: its INT8 error
+    moves each query, and with it the nearest entry and the residual to it), and with ``after``
+    every operation from the result up to that next ``TopK``. For MaskAD the query side is the
+    CNN (the reconstructing ViT after the search stays INT8); for PMAD, with ``after``, the whole
+    ProtoFlow: CNN, feature pooling, residual to the nearest prototype and the flow, whose
+    likelihood ranking picks the masked patches and whose couplings exponentiate their inputs.
+    A search whose result is only gathered (a tokenizer's code) is left out, and so is the
+    network computing its query.
     """
     searches = set(nearest_neighbour_matmuls(model))
-    starts = []
+    smoothing = set(map_smoothing_convolutions(model))
+    names: set[str] = set()
     for op in model.get_ordered_ops():
         if op.get_friendly_name() not in searches:
             continue
-        frontier = [op]
+        starts, frontier = [], [op]
         while frontier:  # the norm arithmetic up to the TopK
             consumers = _consumers(frontier)
             starts += [c for c in consumers if c.get_type_name() == "TopK"]
             frontier = [c for c in consumers if c.get_type_name() in _DISTANCE_ARITHMETIC]
-    names: list[str] = []
-    seen: set[str] = set()
-    frontier = starts
-    while frontier:
-        consumers = _consumers(frontier)
-        frontier = []
-        for node in consumers:
-            name = node.get_friendly_name()
-            if name in seen or node.get_type_name() == "TopK":
-                continue
-            seen.add(name)
-            frontier.append(node)
-            if node.get_type_name() in ("MatMul", "Convolution", "GroupConvolution"):
-                names.append(name)
-    return names
+        downstream: dict[str, str] = {}
+        frontier = starts
+        while frontier:
+            consumers = _consumers(frontier)
+            frontier = []
+            for node in consumers:
+                name = node.get_friendly_name()
+                if name in downstream or node.get_type_name() == "TopK":
+                    continue
+                downstream[name] = node.get_type_name()
+                frontier.append(node)
+        if any(kind in _HEAVY_OPERATIONS and name not in smoothing for name, kind in downstream.items()):
+            names |= _input_cone(op.input_value(0).get_node()).keys()
+            if after:
+                names |= downstream.keys()
+    return sorted(names)
 
 
 #: anomalib's ``PostProcessor`` statistics (NaN until fitted) and the switches under which its graph uses them.
@@ -251,7 +281,7 @@ class McadModule(AnomalibModule):
     #: NNCF preset of INT8 post-training quantization (one of :data:`INT8_PRESETS`); a model sets
     #: the one under which its INT8 scores track FP32 best (README, "Memory and throughput").
     int8_preset: str = "mixed"
-    #: Keep what a nearest-entry search's result flows into in FP32 under INT8 (:func:`search_dependent_products`).
+    #: Also keep what a nearest-entry search's result flows into in FP32 under INT8 (:func:`search_operations`).
     int8_fp32_after_search: bool = False
 
     def configure_callbacks(self) -> list[Callback]:
@@ -394,8 +424,7 @@ class McadModule(AnomalibModule):
             msg = "INT8 post-training quantization: the datamodule has no training images to calibrate on"
             raise ValueError(msg)
         fp32_names = map_smoothing_convolutions(model) + nearest_neighbour_matmuls(model)
-        if self.int8_fp32_after_search:
-            fp32_names += search_dependent_products(model)
+        fp32_names += search_operations(model, after=self.int8_fp32_after_search)
         ignored = nncf.IgnoredScope(names=fp32_names, types=list(FP32_OPERATIONS), validate=False)
         if self.int8_preset not in INT8_PRESETS:
             msg = f"int8_preset must be one of {INT8_PRESETS}, got {self.int8_preset!r}"

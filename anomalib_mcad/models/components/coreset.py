@@ -11,6 +11,7 @@ matmul/argmin so it traces into ONNX/OpenVINO.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from anomalib.models.components.dimensionality_reduction import SparseRandomProjection
 from anomalib.models.components.sampling import KCenterGreedy
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mcad.models.components.validation import NotFittedError, is_exporting
 
@@ -139,15 +141,44 @@ def per_category_coreset_indices(
     return torch.cat(kept)
 
 
+def search_block(columns: int) -> int:
+    """Columns per block of :func:`blockwise_min` over ``columns`` candidates: ``ceil(sqrt(columns))``."""
+    return max(1, math.ceil(math.sqrt(columns)))
+
+
+def blockwise_min(values: torch.Tensor, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values.min(dim=1)`` of a 2-D tensor in two stages: the block holding the minimum, then the minimum within it.
+
+    Same values and indices as ``min(dim=1)`` (the first minimal column; padding columns are
+    +inf and come last). Why: an export turns ``argmin`` into OpenVINO's *stable* ``TopK``, which
+    on a (784, 28,000) distance matrix took 46 ms on 2 cores; a ``ReduceMin`` per block and two
+    ``TopK`` over ``sqrt(M)`` columns take 6 ms. ``block``: columns per block (default
+    :func:`search_block`); a column count that is a multiple of it needs no padding (OpenVINO's
+    ``Pad`` of the matrix alone took 9 ms).
+    """
+    rows, columns = values.shape
+    block = search_block(columns) if block is None else int(block)
+    blocks = -(-columns // block)
+    if blocks * block != columns:
+        values = F.pad(values, (0, blocks * block - columns), value=float("inf"))
+    blocked = values.reshape(rows, blocks, block)
+    _, block_index = blocked.amin(dim=2).min(dim=1)
+    within = torch.gather(blocked, 1, block_index.reshape(rows, 1, 1).expand(rows, 1, block)).squeeze(1)
+    minimum, offset = within.min(dim=1)
+    return minimum, block_index * block + offset
+
+
 class NearestNeighbourBank(nn.Module):
     """A memory of feature rows with a category label each, searched by exact L2 distance.
 
     Buffers ``memory`` (M, D) and ``labels`` (M,) are empty until :meth:`fit`; they are saved in
     the state dict and resized when a checkpoint is loaded, as anomalib's PatchCore does.
 
-    The search is ``|q|^2 - 2 q m^T + |m|^2`` followed by ``argmin`` and a gather: no
-    data-dependent Python branching, so it exports. Restricting to a category sets the other
-    rows' distances to +inf.
+    The search is ``|m|^2 - 2 q m^T`` followed by :func:`blockwise_min` and a gather, and
+    ``|q|^2`` is added to the minimum only (it does not change which row is nearest, and one
+    pass over the distance matrix less is 4 ms of a 28,000-row search): no data-dependent
+    Python branching, so it exports. Restricting to a category sets the other rows' distances
+    to +inf.
 
     Args:
         chunk_size: queries per distance block in eager mode (bounds memory for big banks); an
@@ -221,18 +252,26 @@ class NearestNeighbourBank(nn.Module):
                 raise ValueError(msg)
             per_item = flat.shape[0] // query.shape[0]
             row_category = category.to(self.labels.device).long().repeat_interleave(per_item)
-        memory_sq = (self.memory * self.memory).sum(1)
+        memory, memory_sq, labels = self.memory, (self.memory * self.memory).sum(1), self.labels
+        block = search_block(memory.shape[0])
+        if is_exporting():
+            # The table padded to whole blocks of the search (zero rows at +inf, label -1): folded
+            # constants of the graph, so the distance matrix needs no run-time padding. (Eager
+            # code pads each distance chunk instead of copying the table at every call.)
+            pad = -memory.shape[0] % block
+            memory, labels = F.pad(memory, (0, 0, 0, pad)), F.pad(labels, (0, pad), value=-1)
+            memory_sq = F.pad(memory_sq, (0, pad), value=float("inf"))
         # Exported graphs search in one block: a loop over a dynamic query count would fix it.
         step = flat.shape[0] if is_exporting() else self.chunk_size
         dists, idxs = [], []
         for start in range(0, flat.shape[0], step) if not is_exporting() else [0]:
             chunk = flat[start : start + step] if not is_exporting() else flat
-            sq = (chunk * chunk).sum(1, keepdim=True) - 2.0 * chunk @ self.memory.T + memory_sq
+            partial = memory_sq - 2.0 * chunk @ memory.T
             if category is not None:
                 rows = row_category[start : start + step] if not is_exporting() else row_category
-                sq = sq.masked_fill(rows[:, None] != self.labels[None, :], float("inf"))
-            dist, idx = sq.min(dim=1)
-            dists.append(dist)
+                partial = partial.masked_fill(rows[:, None] != labels[None, :], float("inf"))
+            dist, idx = blockwise_min(partial, block)
+            dists.append(dist + (chunk * chunk).sum(1))
             idxs.append(idx)
         sq_dist = torch.cat(dists)
         index = torch.cat(idxs)
