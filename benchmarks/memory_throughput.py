@@ -48,6 +48,7 @@ Usage::
     python benchmarks/memory_throughput.py --models mint_ad,mask_ad --batches 1 --runtimes torch,openvino_fp32
     python benchmarks/memory_throughput.py --skip-speed --auroc              # INT8 accuracy only
     python benchmarks/memory_throughput.py --runs 3 --warmup 1 --auroc --out results.json
+    python benchmarks/memory_throughput.py --models dinomaly,builtin_dinomaly,inp_former,builtin_inp_former --skip-speed --auroc
 """
 
 from __future__ import annotations
