@@ -28,12 +28,27 @@ test loaders raise if read), and the raw scores of both OpenVINO models on the t
 category's image AUROC and their mean. Tiny, briefly trained models: the AUROC shows whether INT8
 keeps FP32's ranking, not the paper's accuracy.
 
+anomalib's own models, side by side (``--models dinomaly,builtin_dinomaly,...``; not in the default
+list): ``builtin_dinomaly`` and ``builtin_inp_former`` are ``anomalib.models.Dinomaly`` and
+``anomalib.models.InpFormer``, built offline (their hard-coded pretrained encoder forced to random
+weights, every download blocked: ``builtin_dinomaly.no_pretrained_download``) and exported by
+anomalib's unmodified ``to_openvino`` (only the ONNX opset is set to 18, as ``anomalib-mcad compare``
+does). Their INT8 step is therefore anomalib's: ``nncf.quantize`` with NNCF's defaults on the
+datamodule's *validation* loader. Our ``MultiClassDataModule`` carves that validation set out of the
+training images (``val_split_mode="from_train"``: held-out normal images, never test images), so
+their calibration images are training-like too, only fewer. Part 1 builds them at the paper setting
+(ViT-B/14 DINOv2-R, 448 -> 392, random weights; the unfitted post-processor's NaN statistics filled
+as for ours); part 2 gives them the tiny config of our twin (its encoder and its resize/crop; the
+built-ins take no schedule arguments, so they train with anomalib's own optimizer and schedule) with
+the same data, epochs and raw-score post-processor.
+
 Usage::
 
     python benchmarks/memory_throughput.py                                   # everything (slow on CPU)
     python benchmarks/memory_throughput.py --models mint_ad,mask_ad --batches 1 --runtimes torch,openvino_fp32
     python benchmarks/memory_throughput.py --skip-speed --auroc              # INT8 accuracy only
     python benchmarks/memory_throughput.py --runs 3 --warmup 1 --auroc --out results.json
+    python benchmarks/memory_throughput.py --models dinomaly,builtin_dinomaly,inp_former,builtin_inp_former --skip-speed --auroc
 """
 
 from __future__ import annotations
@@ -50,6 +65,8 @@ from pathlib import Path
 from typing import Any
 
 MODELS = ("dinomaly", "inp_former", "mint_ad", "mask_ad", "pmad")
+#: anomalib's own models, named explicitly (not part of the default list), and the model of ours whose tiny config they get.
+BUILTIN_TWINS = {"builtin_dinomaly": "dinomaly", "builtin_inp_former": "inp_former"}
 RUNTIMES = ("torch", "openvino_fp32", "openvino_int8")
 REPO = Path(__file__).resolve().parents[1]
 #: Paper settings that are not the constructors' defaults.
@@ -59,6 +76,8 @@ PAPER_KWARGS: dict[str, dict[str, Any]] = {
     "mint_ad": {"pretrained": False, "num_classes": 15},  # EfficientNet-b4, 224; MVTec-AD's 15 classes
     "mask_ad": {"pretrained": False},  # EfficientNet-b4 stages 1-4, 224, 13 masks, Sinkhorn
     "pmad": {"proto_pretrained": False},  # ViT-B/16 MIM + VQ tokenizer, tf_efficientnet_b6 ProtoFlow, 224
+    "builtin_dinomaly": {},  # anomalib's defaults: ViT-B/14 DINOv2-R, 448 -> 392 (encoder forced random in build_module)
+    "builtin_inp_former": {},  # anomalib's defaults: ViT-B/14 DINOv2-R, 448 -> 392
 }
 CLASS_PATHS = {
     "dinomaly": "anomalib_mcad.models.image.dinomaly.Dinomaly",
@@ -66,6 +85,8 @@ CLASS_PATHS = {
     "mint_ad": "anomalib_mcad.models.image.mint_ad.MintAd",
     "mask_ad": "anomalib_mcad.models.image.mask_ad.MaskAd",
     "pmad": "anomalib_mcad.models.image.pmad.Pmad",
+    "builtin_dinomaly": "anomalib.models.Dinomaly",
+    "builtin_inp_former": "anomalib.models.InpFormer",
 }
 
 
@@ -89,21 +110,37 @@ def model_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def paper_module(name: str, bank_rows: int, prototypes: int) -> Any:  # noqa: ANN401
-    """The anomalib module of ``name`` at its paper setting, random weights, memory of the paper's size filled."""
-    import torch  # noqa: PLC0415
+def build_module(name: str, **kwargs: Any) -> Any:  # noqa: ANN401
+    """``model_class(name)(**kwargs)``; anomalib's built-ins offline (encoder forced random, downloads blocked)."""
+    if name not in BUILTIN_TWINS:
+        return model_class(name)(**kwargs)
+    from builtin_dinomaly import no_pretrained_download  # noqa: PLC0415  (this folder: sys.path[0] of the script)
 
-    torch.manual_seed(0)
-    module = model_class(name)(**PAPER_KWARGS[name], evaluator=False, visualizer=False).eval()
-    # normalisation statistics as after a fit: anomalib's unfitted post-processor holds NaN, which OpenVINO's INT8
-    # low-precision transformations fold into the final Clamp (compile fails: "m_min <= m_max" in ClampTransformation)
-    post = module.post_processor
+    with no_pretrained_download():
+        return model_class(name)(**kwargs)
+
+
+def fill_unfitted_statistics(post: Any) -> None:  # noqa: ANN401
+    """Normalisation statistics as after a fit (min 0, max 1, thresholds 0.5).
+
+    anomalib's unfitted post-processor holds NaN, which OpenVINO's INT8 low-precision
+    transformations fold into the final Clamp (compile fails: "m_min <= m_max" in ClampTransformation).
+    """
     for buffer in ("image_min", "pixel_min"):
         getattr(post, buffer).fill_(0.0)
     for buffer in ("image_max", "pixel_max"):
         getattr(post, buffer).fill_(1.0)
     for buffer in ("_image_threshold", "_pixel_threshold"):
         getattr(post, buffer).fill_(0.5)
+
+
+def paper_module(name: str, bank_rows: int, prototypes: int) -> Any:  # noqa: ANN401
+    """The anomalib module of ``name`` at its paper setting, random weights, memory of the paper's size filled."""
+    import torch  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    module = build_module(name, **PAPER_KWARGS[name], evaluator=False, visualizer=False).eval()
+    fill_unfitted_statistics(module.post_processor)  # the built-ins' post-processors too
     net = module.model
     if name == "mask_ad":
         channels = net.backbone.out_channels
@@ -117,8 +154,43 @@ def paper_module(name: str, bank_rows: int, prototypes: int) -> Any:  # noqa: AN
 
 
 def image_size(module: Any) -> int:  # noqa: ANN401
-    """The input size of the module's pre-processing (its ``image_size``)."""
-    return int(module.hparams.get("image_size") or 224)
+    """The input size of the module's pre-processing (its ``image_size``; for anomalib's built-ins, what it resizes to)."""
+    size = module.hparams.get("image_size")
+    if size is None and type(module).__module__.startswith("anomalib.models"):
+        from torchvision.transforms.v2 import Resize  # noqa: PLC0415
+
+        transforms = getattr(module.pre_processor.transform, "transforms", [])
+        size = next((t.size[0] for t in transforms if isinstance(t, Resize)), None)
+    return int(size or 224)
+
+
+def export_options(name: str, dm: Any, builtin_calibration: str = "validation") -> dict[str, Any]:  # noqa: ANN401
+    """Keyword arguments of the INT8 export, and how it is calibrated (``"calibration"``).
+
+    Ours: their own calibration on training images (the evaluation loaders made to raise, so a read
+    would show). anomalib's built-ins: anomalib's unmodified path, which reads ``dm.val_dataloader()``;
+    with ``builtin_calibration="validation"`` that is our datamodule's validation split (held-out normal
+    training images), with ``"training"`` the loader is pointed at exactly the images ours calibrate on
+    (:func:`~anomalib_mcad.models.components.base.calibration_dataset`), a control for the calibration
+    set. Only the ONNX opset is set, to 18, as ``anomalib-mcad compare`` does (anomalib's 14 makes
+    onnxscript log a failed down-conversion).
+    """
+    if name not in BUILTIN_TWINS:
+        refuse_evaluation_data(dm)
+        return {"calibration": "training images (ours)"}
+    from anomalib_mcad.models.components.base import ONNX_OPSET, calibration_dataset  # noqa: PLC0415
+
+    dm.setup("fit")
+    options: dict[str, Any] = {"onnx_kwargs": {"opset_version": ONNX_OPSET}}
+    if builtin_calibration == "training":
+        from torch.utils.data import DataLoader  # noqa: PLC0415
+
+        dataset, size = calibration_dataset(dm)
+        # anomalib reads len(loader.dataset) and calibrates on batch["image"]: one training image per item
+        loader = DataLoader(list(dataset.get_inference_data()), batch_size=None, collate_fn=lambda image: {"image": image})
+        dm.val_dataloader = lambda: loader
+        return {**options, "calibration": f"training images as ours, {size} (anomalib's quantization)"}
+    return {**options, "calibration": f"validation split, {len(dm.val_data)} held-out training images (anomalib)"}
 
 
 def calibration_datamodule(work: Path, image_px: int = 64, n_train: int = 8) -> Any:  # noqa: ANN401
@@ -143,19 +215,20 @@ def refuse_evaluation_data(datamodule: Any) -> None:  # noqa: ANN401
 
 
 # ----------------------------------------------------------------------------- subprocess jobs
-def job_export(name: str, work: Path, bank_rows: int, prototypes: int) -> dict[str, Any]:
+def job_export(name: str, work: Path, bank_rows: int, prototypes: int, builtin_calibration: str) -> dict[str, Any]:
     """Export the paper-size module to OpenVINO FP32 and INT8 under ``work/name``."""
     from anomalib.deploy import CompressionType  # noqa: PLC0415
 
     module = paper_module(name, bank_rows, prototypes)
     out: dict[str, Any] = {"image_size": image_size(module)}
-    start = time.perf_counter()
-    out["fp32"] = str(module.to_openvino(work / name / "fp32"))
-    out["fp32_export_s"] = time.perf_counter() - start
     dm = calibration_datamodule(work)
-    refuse_evaluation_data(dm)
+    options = export_options(name, dm, builtin_calibration)
+    out["calibration"] = options.pop("calibration")
     start = time.perf_counter()
-    out["int8"] = str(module.to_openvino(work / name / "int8", compression_type=CompressionType.INT8_PTQ, datamodule=dm))
+    out["fp32"] = str(module.to_openvino(work / name / "fp32", onnx_kwargs=options.get("onnx_kwargs")))
+    out["fp32_export_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    out["int8"] = str(module.to_openvino(work / name / "int8", compression_type=CompressionType.INT8_PTQ, datamodule=dm, **options))
     out["int8_export_s"] = time.perf_counter() - start
     return out
 
@@ -182,7 +255,24 @@ def job_measure(name: str, runtime: str, batch: int, work: Path, args: argparse.
             "peak_rss_mb": peak_rss_mb(), "model_rss_mb": peak_rss_mb() - baseline, "runs": args.runs}  # fmt: skip
 
 
-def job_auroc(name: str, work: Path, max_epochs: int) -> dict[str, Any]:
+def tiny_kwargs(name: str, init_args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Constructor arguments from a tiny config's ``init_args``, and those the model cannot take.
+
+    Ours take them all. anomalib's built-ins get the encoder and the resize/crop (through their own
+    ``configure_pre_processor``); they have no ``pretrained`` argument (``build_module`` forces random
+    weights) nor schedule arguments (they keep anomalib's optimizer and schedule).
+    """
+    if name not in BUILTIN_TWINS:
+        return dict(init_args), {}
+    rest = dict(init_args)
+    size, crop = rest.pop("image_size"), rest.pop("crop_size")
+    kwargs = {"encoder_name": rest.pop("encoder_name"),
+              "pre_processor": model_class(name).configure_pre_processor(image_size=(size, size), crop_size=crop)}  # fmt: skip
+    rest.pop("pretrained", None)
+    return kwargs, rest
+
+
+def job_auroc(name: str, work: Path, max_epochs: int, builtin_calibration: str) -> dict[str, Any]:
     """Fit the tiny config briefly, export FP32 and INT8, and compare raw-score image AUROC on the test set."""
     import numpy as np  # noqa: PLC0415
     import yaml  # noqa: PLC0415
@@ -194,17 +284,18 @@ def job_auroc(name: str, work: Path, max_epochs: int) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score  # noqa: PLC0415
 
     seed_everything(0)
-    config = yaml.safe_load((REPO / "configs" / name / "tiny_cpu.yaml").read_text())
-    kwargs = dict(config["model"].get("init_args", {}))
-    module = model_class(name)(**kwargs, post_processor=PostProcessor(enable_normalization=False), evaluator=False, visualizer=False)
+    config = yaml.safe_load((REPO / "configs" / BUILTIN_TWINS.get(name, name) / "tiny_cpu.yaml").read_text())
+    kwargs, ignored = tiny_kwargs(name, config["model"].get("init_args", {}))
+    module = build_module(name, **kwargs, post_processor=PostProcessor(enable_normalization=False), evaluator=False, visualizer=False)
     dm = calibration_datamodule(work, image_px=64, n_train=16)
     root = work / name / "tiny"
     engine = Engine(logger=False, default_root_dir=root, max_epochs=max_epochs, accelerator="cpu", devices=1, enable_progress_bar=False)
     engine.fit(model=module, datamodule=dm)
-    fp32 = engine.export(model=module, export_type=ExportType.OPENVINO, export_root=root / "fp32")
-    refuse_evaluation_data(dm)
+    options = export_options(name, dm, builtin_calibration)
+    calibration = options.pop("calibration")
+    fp32 = engine.export(model=module, export_type=ExportType.OPENVINO, export_root=root / "fp32", onnx_kwargs=options.get("onnx_kwargs"))
     int8 = engine.export(model=module, export_type=ExportType.OPENVINO, export_root=root / "int8",
-                         compression_type=CompressionType.INT8_PTQ, datamodule=dm)  # fmt: skip
+                         compression_type=CompressionType.INT8_PTQ, datamodule=dm, **options)  # fmt: skip
     config_ov = {"INFERENCE_PRECISION_HINT": "f32"}
     paths = sorted(Path(dm.root).rglob("test/*/*.png"))
     images = np.stack([read_image(p, as_tensor=True).numpy() for p in paths])
@@ -214,13 +305,17 @@ def job_auroc(name: str, work: Path, max_epochs: int) -> dict[str, Any]:
         scores[kind] = np.concatenate([np.asarray(inferencer.predict(images[i : i + 8]).pred_score).ravel() for i in range(0, len(images), 8)])
     labels = np.array([p.parent.name != "good" for p in paths])
     categories = np.array([p.parents[2].name for p in paths])
-    result: dict[str, Any] = {"model": name, "max_epochs": max_epochs, "test_images": len(paths)}
+    result: dict[str, Any] = {"model": name, "max_epochs": max_epochs, "test_images": len(paths), "calibration": calibration}
+    if ignored:
+        result["config_not_applied"] = ignored
     for kind, values in scores.items():
         per_category = [roc_auc_score(labels[categories == c], values[categories == c]) for c in sorted(set(categories))]
         result[f"auroc_{kind}"] = float(np.mean(per_category))
     ref, out = scores["fp32"], scores["int8"]
     result["max_relative_score_error"] = float(np.max(np.abs(out - ref) / np.maximum(np.abs(ref), 1e-12)))
     result["score_correlation"] = float(np.corrcoef(out, ref)[0, 1])
+    result["median_score_ratio"] = float(np.nanmedian(out / np.where(ref == 0, np.nan, ref)))  # INT8 / FP32: a collapse shows as ~0
+    result["distinct_int8_scores"] = len(np.unique(out))
     result["bin_mb_fp32"] = Path(fp32).with_suffix(".bin").stat().st_size / 2**20
     result["bin_mb_int8"] = Path(int8).with_suffix(".bin").stat().st_size / 2**20
     return result
@@ -261,7 +356,8 @@ def print_table(title: str, columns: list[str], records: list[dict[str, Any]], c
 def main() -> None:
     """Parse flags, run each measurement in its own process, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated subset of {','.join(MODELS)} (default: all of these), or anomalib's {','.join(BUILTIN_TWINS)}")  # fmt: skip
     parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated subset of " + ",".join(RUNTIMES))
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--runs", type=int, default=5, help="timed forwards per configuration")
@@ -271,6 +367,9 @@ def main() -> None:
     parser.add_argument("--skip-speed", action="store_true", help="skip part 1 (memory and latency)")
     parser.add_argument("--auroc", action="store_true", help="run part 2 (FP32 vs INT8 image AUROC on synthetic data)")
     parser.add_argument("--auroc-epochs", type=int, default=3)
+    parser.add_argument("--builtin-calibration", choices=("validation", "training"), default="validation",
+                        help="INT8 calibration images of anomalib's built-ins: its own choice, the datamodule's validation "
+                             "split (held-out training images), or the training images ours use (a control)")  # fmt: skip
     parser.add_argument("--work", type=Path, default=None, help="folder for exports (default: a temporary one)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per subprocess")
     parser.add_argument("--out", type=Path, default=None, help="also write every result as JSON here")
@@ -281,17 +380,17 @@ def main() -> None:
         kind, name, *rest = args.job
         work = Path(rest[-1])
         if kind == "export":
-            result = job_export(name, work, args.bank_rows, args.prototypes)
+            result = job_export(name, work, args.bank_rows, args.prototypes, args.builtin_calibration)
             (work / name / "export.json").write_text(json.dumps(result))
         elif kind == "measure":
             result = job_measure(name, rest[0], int(rest[1]), work, args)
         else:
-            result = job_auroc(name, work, args.auroc_epochs)
+            result = job_auroc(name, work, args.auroc_epochs, args.builtin_calibration)
         print(json.dumps(result))
         return
 
     models = [m for m in args.models.split(",") if m]
-    unknown = sorted(set(models) - set(MODELS)) + sorted(set(args.runtimes.split(",")) - set(RUNTIMES))
+    unknown = sorted(set(models) - set(MODELS) - set(BUILTIN_TWINS)) + sorted(set(args.runtimes.split(",")) - set(RUNTIMES))
     if unknown:
         parser.error(f"unknown model or runtime: {unknown}")
     runtimes = [r for r in args.runtimes.split(",") if r]
@@ -299,7 +398,8 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="memory_throughput_"))
     work.mkdir(parents=True, exist_ok=True)
     common = ["--runs", str(args.runs), "--warmup", str(args.warmup), "--bank-rows", str(args.bank_rows),
-              "--prototypes", str(args.prototypes), "--auroc-epochs", str(args.auroc_epochs)]  # fmt: skip
+              "--prototypes", str(args.prototypes), "--auroc-epochs", str(args.auroc_epochs),
+              "--builtin-calibration", args.builtin_calibration]  # fmt: skip
     load = os.getloadavg()
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, load average {load[0]:.1f}, work {work}", flush=True)
     results: dict[str, list[dict[str, Any]]] = {"speed": [], "export": [], "auroc": []}
@@ -339,10 +439,10 @@ def main() -> None:
     if results["auroc"]:
         print_table(
             f"INT8 vs FP32 on the synthetic dataset (tiny configs, {args.auroc_epochs} epochs; raw scores, OpenVINO)",
-            ["model", "image AUROC FP32", "image AUROC INT8", "max relative score error", "score correlation", "weights FP32 / INT8 (MiB)"],
+            ["model", "image AUROC FP32", "image AUROC INT8", "max relative score error", "score correlation", "weights FP32 / INT8 (MiB)", "INT8 calibration"],
             results["auroc"],
             lambda r: [r["model"], f"{r['auroc_fp32']:.3f}", f"{r['auroc_int8']:.3f}", f"{100 * r['max_relative_score_error']:.1f} %",
-                       f"{r['score_correlation']:.3f}", f"{r['bin_mb_fp32']:.1f} / {r['bin_mb_int8']:.1f}"],  # fmt: skip
+                       f"{r['score_correlation']:.3f}", f"{r['bin_mb_fp32']:.1f} / {r['bin_mb_int8']:.1f}", r.get("calibration", "")],  # fmt: skip
         )
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
