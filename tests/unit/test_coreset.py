@@ -168,3 +168,43 @@ def test_per_category_coreset_indices_keep_each_category() -> None:
     index = per_category_coreset_indices(rows, labels, 0.1, seed=0)
     assert torch.bincount(labels[index]).tolist() == [10, 10, 10] and index.unique().numel() == 30
     assert torch.equal(per_category_coreset_indices(rows, labels, 1.0), torch.cat([torch.nonzero(labels == c).squeeze(1) for c in range(3)]))
+
+
+def test_bounded_distance_blocks_find_what_one_block_finds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bank too big for one block searches in fewer-row blocks, summed in place: same distances and picks, bit for bit."""
+    from anomalib_mcad.models.components import coreset
+
+    gen = torch.Generator().manual_seed(2)
+    bank = NearestNeighbourBank()
+    bank.fit(torch.randn(300, 5, generator=gen), torch.arange(300) % 4)
+    query = torch.randn(3, 50, 5, generator=gen)
+    category = torch.tensor([0, 2, 3])
+    whole = bank.nearest(query), bank.nearest(query, category)
+    monkeypatch.setattr(coreset, "DISTANCE_BLOCK_ELEMENTS", 300 * 16)  # 16 queries per block
+    assert coreset.block_rows(300, 4096) == 16
+    for before, after in zip(whole, (bank.nearest(query), bank.nearest(query, category)), strict=True):
+        for a, b in zip(before, after, strict=True):
+            assert torch.equal(a, b)
+    memory_sq = (bank.memory * bank.memory).sum(1)
+    flat = query.reshape(-1, 5)
+    expected = (flat * flat).sum(1, keepdim=True) - 2.0 * flat @ bank.memory.T + memory_sq
+    assert torch.equal(coreset.squared_distances(flat, bank.memory, memory_sq), expected)
+
+
+def test_per_category_coreset_of_grouped_rows_equals_the_flattened_rows() -> None:
+    """(N, G, D) items with one label each (a permuted feature map's view) pick the rows the (N * G, D) flattening picks."""
+    from anomalib_mcad.models.components.coreset import per_category_coreset_indices
+
+    gen = torch.Generator().manual_seed(3)
+    maps = torch.randn(12, 7, 3, 3, generator=gen)  # (N, C, h, w)
+    labels = torch.arange(12) % 3
+    grouped = maps.permute(0, 2, 3, 1).flatten(1, 2)  # (N, 9, 7), not contiguous
+    flat = maps.permute(0, 2, 3, 1).reshape(-1, 7)
+    flat_labels = labels.repeat_interleave(9)
+    for ratio in (0.1, 1.0):
+        assert torch.equal(per_category_coreset_indices(grouped, labels, ratio, seed=1, project=False), per_category_coreset_indices(flat, flat_labels, ratio, seed=1, project=False))
+    by_items, by_rows = NearestNeighbourBank(), NearestNeighbourBank()
+    by_items.fit_per_category(grouped, labels, 0.2, seed=0, project=False)
+    by_rows.fit_per_category(flat, flat_labels, 0.2, seed=0, project=False)
+    assert torch.equal(by_items.memory, by_rows.memory)
+    assert torch.equal(by_items.labels, by_rows.labels)

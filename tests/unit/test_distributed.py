@@ -10,7 +10,7 @@ from torch.utils.data import DistributedSampler
 
 from anomalib_mcad.data import MultiClassDataModule
 from anomalib_mcad.data.multiclass import EpochSeededSampler
-from anomalib_mcad.models.components.distributed import full_training_loader, gather_rows, global_mean, reduce_min
+from anomalib_mcad.models.components.distributed import collect_batches, full_training_loader, gather_rows, global_mean, reduce_min
 
 
 def test_rank_shards_of_a_step_are_the_single_process_batch() -> None:
@@ -48,3 +48,23 @@ def test_reductions_are_the_local_values_without_a_process_group() -> None:
     assert gather_rows(x) is x
     assert reduce_min(x) is x
     assert float(global_mean(x)) == 2.75
+
+
+def test_collect_batches_is_the_concatenation_written_once() -> None:
+    """Into tensors of the dataset's size when it has one; concatenated otherwise or when it yields more rows."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(n, 2, 3, generator=gen), torch.arange(n)) for n in (4, 4, 2)]
+    expected = tuple(torch.cat(column) for column in zip(*batches, strict=True))
+
+    class Loader(list):
+        dataset: list
+
+    for size in (10, 12, 7, None):  # exact, fewer rows than the dataset (drop_last), more, unknown
+        loader = Loader(batches)
+        if size is not None:
+            loader.dataset = list(range(size))
+        result = collect_batches(loader, lambda batch: batch)
+        assert len(result) == 2
+        for got, want in zip(result, expected, strict=True):
+            assert torch.equal(got, want)
+    assert collect_batches(Loader([]), lambda batch: batch) == ()

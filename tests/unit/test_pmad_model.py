@@ -343,7 +343,7 @@ def test_table5_optimisers_and_schedules() -> None:
     assert flow_lr[200 * per_epoch] == pytest.approx(2e-4 * 1e-3) and flow_lr[-1] == pytest.approx(2e-4 * 1e-3)
 
 
-def test_heldout_residual_skips_the_images_own_prototypes() -> None:
+def test_heldout_residual_skips_the_images_own_prototypes(monkeypatch: pytest.MonkeyPatch) -> None:
     """With every patch a prototype, plain training residuals are all exactly zero; held-out ones are the
     residual to the nearest patch of ANOTHER image (of the same category when given), never zero."""
     from anomalib_mcad.models.image.pmad.protoflow import ProtoFlow
@@ -373,6 +373,12 @@ def test_heldout_residual_skips_the_images_own_prototypes() -> None:
     assert held_cat[3].abs().max() == 0
     # unknown sources exclude nothing: the plain residual
     torch.testing.assert_close(pf.heldout_residual(emb, category, None), pf.residual(emb, category))
+    # a pool too big for one distance block is searched in blocks of fewer queries: the same residuals, bit for bit
+    from anomalib_mcad.models.components import coreset
+
+    monkeypatch.setattr(coreset, "DISTANCE_BLOCK_ELEMENTS", prototypes.shape[0] * 5)
+    assert torch.equal(pf.heldout_residual(emb, None, torch.arange(4)), held)
+    assert torch.equal(pf.heldout_residual(emb, category, torch.arange(4)), held_cat)
 
 
 def test_flow_training_views_are_random_resized_crops_and_flips() -> None:

@@ -130,14 +130,27 @@ def per_category_coreset_indices(
     seed: int = 0,
     project: bool | None = None,
 ) -> torch.Tensor:
-    """Row indices of a ``sampling_ratio`` k-center-greedy coreset of each category's rows, concatenated (category order)."""
-    if features.ndim != 2 or features.shape[0] == 0:
-        msg = f"a per-category coreset needs a non-empty (N, D) tensor, got shape {tuple(features.shape)}"
+    """Row indices of a ``sampling_ratio`` k-center-greedy coreset of each category's rows, concatenated (category order).
+
+    ``features`` is (N, D) rows with ``labels`` (N,), or (N, G, D): N items of G rows each (an
+    image's patches, possibly a strided view such as a permuted feature map) with one label per
+    item; the indices then count rows of the (N * G, D) flattening, in the same order. Only one
+    category's rows are copied at a time, so a caller never needs a flattened copy of everything.
+    """
+    if features.ndim not in (2, 3) or features.shape[0] == 0:
+        msg = f"a per-category coreset needs a non-empty (N, D) or (N, G, D) tensor, got shape {tuple(features.shape)}"
         raise ValueError(msg)
+    group = features.shape[1] if features.ndim == 3 else 1
     kept = []
     for category in torch.unique(labels).tolist():
-        rows = torch.nonzero(labels == category).squeeze(1)
-        kept.append(rows if sampling_ratio >= 1.0 else rows[kcenter_greedy_indices(features[rows], sampling_ratio=sampling_ratio, seed=seed, project=project)])
+        items = torch.nonzero(labels == category).squeeze(1)
+        rows = (items[:, None] * group + torch.arange(group, device=items.device)).reshape(-1) if group > 1 else items
+        if sampling_ratio >= 1.0:
+            kept.append(rows)
+            continue
+        category_rows = features[items].reshape(-1, features.shape[-1])
+        kept.append(rows[kcenter_greedy_indices(category_rows, sampling_ratio=sampling_ratio, seed=seed, project=project)])
+        del category_rows
     return torch.cat(kept)
 
 
@@ -168,6 +181,27 @@ def blockwise_min(values: torch.Tensor, block: int | None = None) -> tuple[torch
     return minimum, block_index * block + offset
 
 
+#: Largest query x memory distance block (elements, float32: 64 MiB) one eager search holds at a time.
+DISTANCE_BLOCK_ELEMENTS = 1 << 24
+
+
+def block_rows(n_memory: int, chunk_size: int) -> int:
+    """Queries per distance block: ``chunk_size``, fewer when the block would pass ``DISTANCE_BLOCK_ELEMENTS``."""
+    return max(1, min(int(chunk_size), DISTANCE_BLOCK_ELEMENTS // max(1, int(n_memory))))
+
+
+def squared_distances(query: torch.Tensor, memory: torch.Tensor, memory_sq: torch.Tensor) -> torch.Tensor:
+    """``|q|^2 - 2 q m^T + |m|^2`` (Q, M) for query rows (Q, D), memory rows (M, D) and their squared norms (M,).
+
+    Outside export and autograd the sum is formed in place in the matmul's output, one (Q, M)
+    buffer instead of three, with the same rounding (``-b + a`` is ``a - b`` in IEEE arithmetic).
+    """
+    query_sq = (query * query).sum(1, keepdim=True)
+    if is_exporting() or (torch.is_grad_enabled() and (query.requires_grad or memory.requires_grad)):
+        return query_sq - 2.0 * query @ memory.T + memory_sq
+    return ((2.0 * query) @ memory.T).neg_().add_(query_sq).add_(memory_sq)
+
+
 class NearestNeighbourBank(nn.Module):
     """A memory of feature rows with a category label each, searched by exact L2 distance.
 
@@ -181,8 +215,9 @@ class NearestNeighbourBank(nn.Module):
     to +inf.
 
     Args:
-        chunk_size: queries per distance block in eager mode (bounds memory for big banks); an
-            exported graph searches all queries in one block so its batch size stays dynamic.
+        chunk_size: queries per distance block in eager mode, fewer for a big bank (a block holds
+            at most ``DISTANCE_BLOCK_ELEMENTS`` distances: 64 MiB); an exported graph searches all
+            queries in one block so its batch size stays dynamic.
     """
 
     def __init__(self, chunk_size: int = 4096) -> None:
@@ -219,9 +254,17 @@ class NearestNeighbourBank(nn.Module):
         seed: int = 0,
         project: bool | None = None,
     ) -> None:
-        """Fit on a k-center-greedy coreset of each category's rows (``sampling_ratio`` each)."""
+        """Fit on a k-center-greedy coreset of each category's rows (``sampling_ratio`` each).
+
+        ``features`` (N, D) with ``labels`` (N,), or (N, G, D) items of G rows with one label per
+        item (see :func:`per_category_coreset_indices`): the bank keeps the picked rows only.
+        """
         index = per_category_coreset_indices(features, labels, sampling_ratio, seed=seed, project=project)
-        self.fit(features[index], labels[index])
+        if features.ndim == 3:
+            group = features.shape[1]
+            self.fit(features[index // group, index % group], labels[index // group])
+        else:
+            self.fit(features[index], labels[index])
 
     def nearest(
         self,
@@ -262,7 +305,7 @@ class NearestNeighbourBank(nn.Module):
             memory, labels = F.pad(memory, (0, 0, 0, pad)), F.pad(labels, (0, pad), value=-1)
             memory_sq = F.pad(memory_sq, (0, pad), value=float("inf"))
         # Exported graphs search in one block: a loop over a dynamic query count would fix it.
-        step = flat.shape[0] if is_exporting() else self.chunk_size
+        step = flat.shape[0] if is_exporting() else block_rows(self.memory.shape[0], self.chunk_size)
         dists, idxs = [], []
         for start in range(0, flat.shape[0], step) if not is_exporting() else [0]:
             chunk = flat[start : start + step] if not is_exporting() else flat

@@ -24,6 +24,7 @@ Outside DDP (or before the process group exists) every function is the identity.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -68,6 +69,41 @@ def full_training_loader(trainer: Any) -> DataLoader | None:  # noqa: ANN401
         )
         raise RuntimeError(msg)
     return getattr(trainer, "train_dataloader", None) if trainer is not None else None
+
+
+def collect_batches(loader: Iterable[Any], extract: Callable[[Any], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:  # noqa: ANN401
+    """``extract(batch)`` for every batch of ``loader``, each output concatenated along dim 0 (as ``torch.cat``).
+
+    Every output has one row per image of the batch. When the loader's dataset has a length (the
+    full-training-set pass of :func:`full_training_loader`), the outputs are written into tensors
+    of that many rows allocated at the first batch: the pass holds the training set's features
+    once, where a list of batches plus its concatenation holds them twice at the end. Otherwise (or
+    if the loader yields more rows than its dataset) the batches are concatenated. Returns ``()``
+    for an empty loader.
+    """
+    try:
+        total: int | None = len(loader.dataset)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        total = None
+    parts: list[tuple[torch.Tensor, ...]] = []
+    out: tuple[torch.Tensor, ...] | None = None
+    filled = 0
+    for batch in loader:
+        values = extract(batch)
+        rows = values[0].shape[0]
+        if out is None and total is not None and not parts:
+            out = tuple(v.new_empty((total, *v.shape[1:])) for v in values)
+        if out is not None and not parts and filled + rows <= out[0].shape[0]:
+            for target, value in zip(out, values, strict=True):
+                target[filled : filled + rows] = value
+            filled += rows
+        else:
+            parts.append(values)
+    if not parts:
+        return () if out is None else tuple(t[:filled] for t in out)
+    if out is not None:
+        parts.insert(0, tuple(t[:filled] for t in out))
+    return tuple(torch.cat(column) for column in zip(*parts, strict=True))
 
 
 def reduce_min(tensor: torch.Tensor) -> torch.Tensor:

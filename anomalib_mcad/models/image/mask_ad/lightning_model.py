@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRScheduler
 
 from anomalib_mcad.models.components.validation import NotFittedError
 from anomalib_mcad.models.components.base import McadModule
-from anomalib_mcad.models.components.distributed import full_training_loader
+from anomalib_mcad.models.components.distributed import collect_batches, full_training_loader
 from anomalib_mcad.models.components.foreground import ForegroundMaskGenerator
 from anomalib_mcad.models.components.masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from anomalib_mcad.models.components.pre_processing import resize_crop_normalize
@@ -246,35 +246,47 @@ class MaskAd(McadModule):
 
     @torch.no_grad()
     def collect_training_features(self, batches: Any, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN401
-        """Feature maps (N, C, h, w) (standardised, or ``raw``) and category indices (N,) of every training image."""
-        maps, labels = [], []
-        for batch in batches:
+        """Feature maps (N, C, h, w) (standardised, or ``raw``) and category indices (N,) of every training image.
+
+        Written batch by batch into tensors of the dataset's size (``collect_batches``): one copy of
+        the training set's maps, not a list of batches plus their concatenation.
+        """
+
+        def extract(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
             images = batch.image.to(self.device)
             if isinstance(self.pre_processor, PreProcessor) and self.pre_processor.transform is not None:
                 # the batches' own transform (antialiased resize), not the export transform
                 images = self.pre_processor.transform(images)
             features = self.model.raw_features(images) if raw else self.model.features(images)
-            maps.append(features.float())
             index = getattr(batch, "category_index", None)
             index = torch.zeros(images.shape[0], dtype=torch.long) if index is None else torch.as_tensor(index).long().reshape(-1)
-            labels.append(index.to(self.device))
-        if not maps:
+            return features.float(), index.to(self.device)
+
+        collected = collect_batches(batches, extract)
+        if not collected:
             msg = "MaskAD found no training images to build its nominal coreset from (empty training set)"
             raise ValueError(msg)
-        return torch.cat(maps), torch.cat(labels)
+        maps, labels = collected
+        return maps, labels
 
     @torch.no_grad()
     def build_bank(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """Per-category k-center-greedy coreset of standardised training maps (N, C, h, w); keeps calibration maps."""
+        """Per-category k-center-greedy coreset of standardised training maps (N, C, h, w); keeps calibration maps.
+
+        The coreset reads each category's patch rows through a permuted view of the maps, so no
+        flattened copy of the whole training set's patches is made (same rows, same order, same picks).
+        """
         if labels is None:
             labels = torch.zeros(features.shape[0], dtype=torch.long, device=features.device)
-        channels = features.shape[1]
-        tokens = features.permute(0, 2, 3, 1).reshape(-1, channels)
-        token_labels = labels.repeat_interleave(features.shape[-2] * features.shape[-1])
-        self.model.bank.fit_per_category(tokens, token_labels, self.hparams.coreset_ratio, seed=self.hparams.mask_seed, project=False)
+        patches = features.permute(0, 2, 3, 1).flatten(1, 2)  # (N, h * w, C) view: each image's patch rows
+        self.model.bank.fit_per_category(patches, labels, self.hparams.coreset_ratio, seed=self.hparams.mask_seed, project=False)
+        self.keep_calibration_maps(features)
+
+    def keep_calibration_maps(self, features: torch.Tensor) -> None:
+        """Keep ``calibration_maps`` training maps (a seeded random subset of (N, C, h, w)) for M_po's calibration."""
         generator = torch.Generator().manual_seed(int(self.hparams.mask_seed))
         keep = torch.randperm(features.shape[0], generator=generator)[: self.hparams.calibration_maps]
-        self._calibration = features[keep.to(features.device)].detach().clone()
+        self._calibration = features[keep.to(features.device)].detach()
 
     @torch.no_grad()
     def fit_memory(self, features: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> None:
@@ -299,9 +311,7 @@ class MaskAd(McadModule):
             if needs_bank:
                 self.build_bank(features, labels)
             else:
-                generator = torch.Generator().manual_seed(int(self.hparams.mask_seed))
-                keep = torch.randperm(features.shape[0], generator=generator)[: self.hparams.calibration_maps]
-                self._calibration = features[keep.to(features.device)].detach().clone()
+                self.keep_calibration_maps(features)
         self.calibrate_po()
         self._memory_stale = False
 
@@ -333,11 +343,11 @@ class MaskAd(McadModule):
         if batches is None:
             msg = "MaskAD needs the training dataloader to standardise its features and build its coreset"
             raise RuntimeError(msg)
-        raw, labels = self.collect_training_features(batches, raw=True)
+        features, labels = self.collect_training_features(batches, raw=True)
         if needs_stats:
-            self.model.fit_feature_statistics(raw)
-        features = (raw - self.model.feature_mean) / self.model.feature_std if self.model.normalize_features else raw
-        del raw
+            self.model.fit_feature_statistics(features)
+        if self.model.normalize_features:  # in place: the raw maps are not needed again (same values as (raw - mean) / std)
+            features.sub_(self.model.feature_mean).div_(self.model.feature_std)
         if self.model.bank.is_empty:
             self.build_bank(features, labels)
 

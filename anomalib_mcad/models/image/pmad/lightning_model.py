@@ -37,7 +37,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mcad.models.components.base import McadModule
-from anomalib_mcad.models.components.distributed import full_training_loader, gather_rows, reduce_min
+from anomalib_mcad.models.components.distributed import collect_batches, full_training_loader, gather_rows, reduce_min
 from anomalib_mcad.models.components.foreground import foreground_mask
 from anomalib_mcad.models.components.masking import CombinationalMaskGenerator, PatchErrorRecorder, rank_loss_weights
 from anomalib_mcad.models.components.optim import WarmupCosineLR
@@ -267,33 +267,37 @@ class Pmad(McadModule):
         """Patch rows (N, C) and category labels (N,) of every image; with ``sources`` also each row's image number (N,).
 
         With ``sources`` the image paths are remembered (``self._train_sources``: path -> number), so
-        training batches can exclude their own image's prototypes (held-out residuals).
+        training batches can exclude their own image's prototypes (held-out residuals). The rows are
+        written batch by batch into one tensor of the dataset's size (``collect_batches``), not
+        listed and then concatenated (which held the training set's patches twice).
         """
-        rows, labels, numbers = [], [], []
         if sources:
             self._train_sources = {}
         count = 0
-        for batch in loader:
+
+        def extract(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            nonlocal count
             images = self._transform(batch.image.to(self.device))
             emb = self.model.protoflow.embed(images)
-            flat = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
-            index = self._category_index(batch).to(self.device)
-            per = emb.shape[-2] * emb.shape[-1]
-            rows.append(flat.cpu())
-            labels.append(index.repeat_interleave(per).cpu())
             ids = torch.arange(count, count + emb.shape[0])
-            numbers.append(ids.repeat_interleave(per))
             if sources:
                 for path, number in zip(self._paths(batch), ids.tolist(), strict=True):
                     if path is not None:
                         self._train_sources[path] = number
             count += emb.shape[0]
-        if not rows:
+            rows = emb.permute(0, 2, 3, 1).reshape(emb.shape[0], -1, emb.shape[1])  # (B, H * W, C)
+            return rows.cpu(), self._category_index(batch).cpu(), ids
+
+        collected = collect_batches(loader, extract)
+        if not collected:
             msg = "PMAD got an empty training set: ProtoFlow's prototype pool needs normal training images"
             raise ValueError(msg)
+        rows, labels, numbers = collected
+        per = rows.shape[1]
+        flat = rows.reshape(-1, rows.shape[-1])  # a view: images' rows in order
         if sources:
-            return torch.cat(rows), torch.cat(labels), torch.cat(numbers)
-        return torch.cat(rows), torch.cat(labels)
+            return flat, labels.repeat_interleave(per), numbers.repeat_interleave(per)
+        return flat, labels.repeat_interleave(per)
 
     @staticmethod
     def _paths(batch: Batch) -> list[str | None]:

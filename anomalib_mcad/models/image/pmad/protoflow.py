@@ -26,7 +26,7 @@ from torchvision.transforms import v2
 
 from anomalib_mcad.models.components.cnn import CNNFeatureTap
 
-from anomalib_mcad.models.components.coreset import NearestNeighbourBank, per_category_coreset_indices
+from anomalib_mcad.models.components.coreset import NearestNeighbourBank, block_rows, per_category_coreset_indices, squared_distances
 from anomalib_mcad.models.components.flow import ConditionalFlow
 from anomalib_mcad.models.components.weights import PretrainedArg
 
@@ -164,6 +164,7 @@ class ProtoFlow(nn.Module):
         when the patch is itself a prototype and biased small when a neighbouring patch of the same
         image is; excluding the own image gives the residual the patch would have as an unseen
         normal image (leave-one-image-out), i.e. the distribution test patches of normal images follow.
+        ``chunk``: queries per distance block, fewer for a big pool (as in :class:`NearestNeighbourBank`).
         """
         b, c, h, w = embedding.shape
         flat = embedding.permute(0, 2, 3, 1).reshape(-1, c)
@@ -172,17 +173,17 @@ class ProtoFlow(nn.Module):
         img_src = (source if source is not None else torch.full((b,), -1, dtype=torch.long)).to(memory.device).long().repeat_interleave(per)
         img_cat = category.to(memory.device).long().repeat_interleave(per) if category is not None else None
         mem_sq = (memory * memory).sum(1)
+        step = block_rows(memory.shape[0], chunk)
         nearest = []
-        for start in range(0, flat.shape[0], chunk):
-            q = flat[start : start + chunk]
-            sq = (q * q).sum(1, keepdim=True) - 2.0 * q @ memory.T + mem_sq
+        for start in range(0, flat.shape[0], step):
+            sq = squared_distances(flat[start : start + step], memory, mem_sq)
             if img_cat is not None:
-                sq = sq.masked_fill(img_cat[start : start + chunk, None] != labels[None, :], float("inf"))
-            own = (img_src[start : start + chunk, None] >= 0) & (img_src[start : start + chunk, None] == sources[None, :])
-            held = sq.masked_fill(own, float("inf"))
+                sq.masked_fill_(img_cat[start : start + step, None] != labels[None, :], float("inf"))
+            plain = sq.argmin(dim=1)
+            own = (img_src[start : start + step, None] >= 0) & (img_src[start : start + step, None] == sources[None, :])
+            best, held = sq.masked_fill_(own, float("inf")).min(dim=1)
             # a pool made only of the image's own patches (one training image): keep them
-            alone = torch.isinf(held).all(dim=1, keepdim=True)
-            nearest.append(memory[torch.where(alone, sq, held).argmin(dim=1)])
+            nearest.append(memory[torch.where(torch.isinf(best), plain, held)])
         return embedding - torch.cat(nearest).reshape(b, h, w, c).permute(0, 3, 1, 2)
 
     def residual(self, embedding: torch.Tensor, category: torch.Tensor | None = None) -> torch.Tensor:
