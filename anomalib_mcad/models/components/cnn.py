@@ -94,6 +94,12 @@ class CNNFeatureTap(DeferredHubWeights):
     last tapped stage are kept; the head and later blocks are dropped. BatchNorm stays in
     eval mode whatever ``train()`` is called with.
 
+    Why not timm's ``features_only=True, out_indices=...`` (checked with timm 1.0): its
+    ``EfficientNetFeatures`` keeps and runs every block up to the last stage whatever
+    ``out_indices`` asks for (``blocks.6`` for stages 1-2), so it computes and stores what no
+    tapped map needs, and its extra parameters would no longer match the checkpoints of MINT-AD,
+    MaskAD and PMAD, which hold the truncated network.
+
     Args:
         model_name: timm model with ``conv_stem``/``bn1``/``blocks`` (EfficientNet family).
         stages: indices into ``feature_info`` to return, increasing.
