@@ -362,6 +362,14 @@ def calibration_variant_correlations(module: Any, dm: Any, fp32: Path, images: A
 
 
 # ----------------------------------------------------------------------------- driver
+def add_runner_arguments(parser: argparse.ArgumentParser, work_help: str) -> None:
+    """The options of a benchmark that runs each measurement as a job in a fresh process (``--work``, ``--timeout``, ``--out``, ``--job``)."""
+    parser.add_argument("--work", type=Path, default=None, help=work_help)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per subprocess")
+    parser.add_argument("--out", type=Path, default=None, help="also write every result as JSON here")
+    parser.add_argument("--job", nargs="+", help=argparse.SUPPRESS)  # internal: one measurement in this process
+
+
 def run_job(argv: list[str], timeout: float) -> dict[str, Any]:
     """Run one job in a fresh interpreter; its last stdout line is its JSON result (or an error record)."""
     start = time.perf_counter()
@@ -413,10 +421,7 @@ def main() -> None:
     parser.add_argument("--builtin-calibration", choices=("validation", "training"), default="validation",
                         help="INT8 calibration images of anomalib's built-ins: its own choice, the datamodule's validation "
                              "split (held-out training images), or the training images ours use (a control)")  # fmt: skip
-    parser.add_argument("--work", type=Path, default=None, help="folder for exports (default: a temporary one)")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per subprocess")
-    parser.add_argument("--out", type=Path, default=None, help="also write every result as JSON here")
-    parser.add_argument("--job", nargs="+", help=argparse.SUPPRESS)  # internal: one measurement in this process
+    add_runner_arguments(parser, "folder for exports (default: a temporary one)")
     args = parser.parse_args()
 
     if args.job:  # a subprocess

@@ -55,7 +55,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory_throughput  # noqa: E402
-from memory_throughput import PAPER_KWARGS, REPO, fmt, model_class, peak_rss_mb, print_table, rss_mb  # noqa: E402
+from memory_throughput import PAPER_KWARGS, REPO, add_runner_arguments, fmt, model_class, peak_rss_mb, print_table, rss_mb  # noqa: E402
 
 MODELS = ("mint_ad", "mask_ad", "pmad", "dinomaly", "inp_former")
 SETTINGS = ("tiny", "paper")
@@ -192,10 +192,7 @@ def main() -> None:
     parser.add_argument("--paper-batch", type=int, default=8)
     parser.add_argument("--phases", action="store_true", help="also measure the training-set phases at MVTec-AD size")
     parser.add_argument("--mmap-threshold", type=int, default=None, help="MALLOC_MMAP_THRESHOLD_ (bytes) of the children")
-    parser.add_argument("--work", type=Path, default=None, help="folder for the datasets and runs (default: a temporary one)")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per subprocess")
-    parser.add_argument("--out", type=Path, default=None, help="also write every result as JSON here")
-    parser.add_argument("--job", nargs="+", help=argparse.SUPPRESS)  # internal: one measurement in this process
+    add_runner_arguments(parser, "folder for the datasets and runs (default: a temporary one)")
     args = parser.parse_args()
 
     if args.job:  # a subprocess
