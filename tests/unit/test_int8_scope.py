@@ -3,12 +3,19 @@ nearest-entry distance products the feature network of a search that feeds later
 
 from __future__ import annotations
 
+import numpy as np
 import openvino as ov
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_mcad.models.components.base import map_smoothing_convolutions, nearest_neighbour_matmuls, search_operations
+from anomalib_mcad.models.components.base import (
+    INT8_CALIBRATION_IMAGES,
+    calibration_indices,
+    map_smoothing_convolutions,
+    nearest_neighbour_matmuls,
+    search_operations,
+)
 
 
 class FeaturesThenBlur(nn.Module):
@@ -78,3 +85,14 @@ def test_the_search_that_feeds_a_flow_is_found_not_a_codebook_search() -> None:
     assert len(quantizable) == 1  # the codebook search's encoder
     (encoder,) = quantizable
     assert products[encoder].input_value(0).get_node().get_type_name() == "Parameter"
+
+
+def test_calibration_images_span_every_category_of_a_large_training_set() -> None:
+    # MVTec-AD-like: 15 categories of 240 training images each, in category order
+    categories = [c for c in range(15) for _ in range(240)]
+    chosen = calibration_indices(len(categories))
+    assert len(chosen) == INT8_CALIBRATION_IMAGES == len(set(chosen))
+    assert chosen == sorted(chosen) and chosen[0] == 0 and chosen[-1] == len(categories) - 1
+    per_category = np.bincount([categories[i] for i in chosen], minlength=15)
+    assert per_category.min() >= 19 and per_category.max() <= 21  # 20 each, give or take the rounding
+    assert calibration_indices(42) == list(range(42))  # a small set is used whole

@@ -38,12 +38,26 @@ FP32_OPERATIONS = (
 #: NNCF presets by name: "mixed" quantizes activations asymmetrically (NNCF's advice for GELU and
 #: LayerNorm activations, as in ViTs), "performance" symmetrically.
 INT8_PRESETS = ("mixed", "performance")
-#: Calibration images used at most (NNCF's default subset size).
+#: Calibration images used at most (NNCF's default subset size), evenly spaced over a larger training set.
 INT8_CALIBRATION_IMAGES = 300
 
 
+def calibration_indices(count: int, limit: int = INT8_CALIBRATION_IMAGES) -> list[int]:
+    """Which of ``count`` training images calibrate INT8: all of them, or ``limit`` evenly spaced over the set.
+
+    Evenly spaced rather than the first ``limit``: a multi-class training set is ordered by
+    category, so its first images may all be of one or two categories (MVTec-AD's first 300 are
+    bottles and cables), and INT8 ranges fitted on them miss the others' activations. On the
+    synthetic check, MINT-AD calibrated on the first half of a 3-category set (two categories)
+    correlated 0.871 with FP32, on every other image (all three) 0.993.
+    """
+    if count <= limit:
+        return list(range(count))
+    return [int(i) for i in np.linspace(0, count - 1, limit).round()]
+
+
 def calibration_dataset(datamodule: Any) -> tuple[Any, int]:  # noqa: ANN401
-    """NNCF dataset of the datamodule's first :data:`INT8_CALIBRATION_IMAGES` training images, and their count.
+    """NNCF dataset of the datamodule's training images chosen by :func:`calibration_indices`, and their count.
 
     Deterministic: the training set in its own order (category, then file name, for our
     datamodule), one image per item, without training augmentations, no shuffling; so an INT8
@@ -58,9 +72,9 @@ def calibration_dataset(datamodule: Any) -> tuple[Any, int]:  # noqa: ANN401
     data = copy.copy(datamodule.train_data)
     if hasattr(data, "augmentations"):
         data.augmentations = None
-    size = min(INT8_CALIBRATION_IMAGES, len(data))
-    loader = DataLoader(Subset(data, range(size)), batch_size=1, shuffle=False, num_workers=0, collate_fn=data.collate_fn)
-    return nncf.Dataset(loader, lambda batch: batch.image.numpy()), size
+    chosen = calibration_indices(len(data))
+    loader = DataLoader(Subset(data, chosen), batch_size=1, shuffle=False, num_workers=0, collate_fn=data.collate_fn)
+    return nncf.Dataset(loader, lambda batch: batch.image.numpy()), len(chosen)
 
 
 def _rng_states() -> dict[str, Any]:
