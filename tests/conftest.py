@@ -86,3 +86,16 @@ def multiclass_datamodule() -> Callable[..., Any]:
         return MultiClassDataModule(root=root, **{"train_batch_size": 8, "eval_batch_size": 8, "num_workers": 0, **kwargs})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def latest_category_table() -> Callable[[Path], Any]:
+    """Reader of the newest ``per_category_metrics.csv`` under a folder (what the last ``test`` wrote), indexed by category."""
+    import pandas as pd
+
+    def read(root: Path) -> pd.DataFrame:
+        tables = sorted(root.rglob("per_category_metrics.csv"), key=lambda p: p.stat().st_mtime)
+        assert tables, f"no per-category table saved under {root}"
+        return pd.read_csv(tables[-1]).set_index("category")
+
+    return read

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
@@ -41,12 +40,6 @@ class LossRecorder(Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def table(root: Path) -> pd.DataFrame:
-    csvs = sorted(root.rglob("per_category_metrics.csv"), key=lambda p: p.stat().st_mtime)
-    assert csvs, "per-category table not saved"
-    return pd.read_csv(csvs[-1])
-
-
 @pytest.fixture(scope="module")
 def fitted(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Single-class setting: fit on one category with anomalib's MVTecAD datamodule."""
@@ -60,7 +53,7 @@ def fitted(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     return {"project": project, "ckpt": ckpt, "root": synthetic_root}
 
 
-def test_multi_class_learns_and_writes_table(synthetic_root: Path, tmp_path: Path) -> None:
+def test_multi_class_learns_and_writes_table(synthetic_root: Path, tmp_path: Path, latest_category_table: Any) -> None:  # noqa: ANN401
     """Learning check: 40 steps on all three categories; the loss falls and image AUROC beats the floor.
 
     Random-init ViT-S features at 56 px (4x4 patches) carry little meaning; measured on this
@@ -77,27 +70,27 @@ def test_multi_class_learns_and_writes_table(synthetic_root: Path, tmp_path: Pat
     assert np.mean(recorder.losses[-5:]) < 0.6 * np.mean(recorder.losses[:3]), recorder.losses
     assert engine.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4, rel=1e-2)
     engine.test(model=model, datamodule=datamodule)
-    result = table(tmp_path).set_index("category")
+    result = latest_category_table(tmp_path)
     assert set(result.index) == {"brick", "grass", "washer", "mean"}
     assert result.loc["mean", "pixel_AUROC"] >= 0.65, result
     assert result.loc["mean", "image_AUROC"] >= 0.55, result
 
 
-def test_zero_shot_on_unseen_categories(fitted: dict[str, Any], tmp_path: Path) -> None:
+def test_zero_shot_on_unseen_categories(fitted: dict[str, Any], tmp_path: Path, latest_category_table: Any) -> None:  # noqa: ANN401
     """Zero-shot (appendix K): the model fitted on brick alone scores grass and washer, never seen,
     by each image's own INPs; nothing is trained and the per-category table is written."""
     zero_shot = InpFormer.load_from_checkpoint(fitted["ckpt"], zero_shot=True, map_location="cpu", weights_only=True)
     assert zero_shot.model.zero_shot
     target = MultiClassDataModule(root=fitted["root"], categories=["grass", "washer"], eval_batch_size=8, num_workers=0)
     results = Engine(default_root_dir=tmp_path, **QUIET).test(model=zero_shot, datamodule=target)
-    zs = table(tmp_path).set_index("category")
+    zs = latest_category_table(tmp_path)
     assert set(zs.index) == {"grass", "washer", "mean"}
     assert np.isfinite(zs.loc[["grass", "washer"], "image_AUROC"]).all()
     assert zs.loc["mean", "image_AUROC"] == pytest.approx(zs.loc[["grass", "washer"], "image_AUROC"].mean())
     assert results[0]["per_category_mean_image_AUROC"] == pytest.approx(zs.loc["mean", "image_AUROC"], abs=1e-6)
 
 
-def test_few_shot_with_augmentation(synthetic_root: Path, tmp_path: Path) -> None:
+def test_few_shot_with_augmentation(synthetic_root: Path, tmp_path: Path, latest_category_table: Any) -> None:  # noqa: ANN401
     """Few-shot: 2 normal images per category, the authors' 22 views drawn during training."""
     seed_everything(0)
     datamodule = MultiClassDataModule(root=synthetic_root, k_shot=2, train_batch_size=4, eval_batch_size=8, num_workers=0)
@@ -106,4 +99,4 @@ def test_few_shot_with_augmentation(synthetic_root: Path, tmp_path: Path) -> Non
     engine.fit(model=model, datamodule=datamodule)
     assert model.augmentation is not None
     engine.test(model=model, datamodule=datamodule)
-    assert set(table(tmp_path)["category"]) == {"brick", "grass", "washer", "mean"}
+    assert set(latest_category_table(tmp_path).index) == {"brick", "grass", "washer", "mean"}

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from lightning.pytorch import Callback, seed_everything
@@ -50,7 +49,9 @@ def fitted(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory, cpu_e
     return {"project": project, "ckpt": ckpt, "root": synthetic_root, "model": model}
 
 
-def test_restrict_to_category_searches_the_images_own_coreset(fitted: dict[str, Any], cpu_engine: Any, multiclass_datamodule: Any) -> None:
+def test_restrict_to_category_searches_the_images_own_coreset(
+    fitted: dict[str, Any], cpu_engine: Any, multiclass_datamodule: Any, latest_category_table: Any  # noqa: ANN401
+) -> None:
     """With ``restrict_to_category`` every reference token comes from the image's own category."""
     loaded = MaskAd.load_from_checkpoint(fitted["ckpt"], map_location="cpu", weights_only=True, restrict_to_category=True).eval()
     net = loaded.model
@@ -67,8 +68,7 @@ def test_restrict_to_category_searches_the_images_own_coreset(fitted: dict[str, 
     results = cpu_engine(fitted["project"]).test(
         model=MaskAd(**TINY, restrict_to_category=True), datamodule=multiclass_datamodule(fitted["root"]), ckpt_path=fitted["ckpt"]
     )
-    csv = max(fitted["project"].rglob("per_category_metrics.csv"), key=lambda p: p.stat().st_mtime)
-    table = pd.read_csv(csv).set_index("category")
+    table = latest_category_table(fitted["project"])
     assert set(table.index) == {"brick", "grass", "washer", "mean"}
     assert np.isfinite(table["image_AUROC"]).all()
     assert results[0]["per_category_mean_image_AUROC"] == pytest.approx(table.loc["mean", "image_AUROC"], abs=1e-6)

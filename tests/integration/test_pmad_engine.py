@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from anomalib.engine import Engine
@@ -42,12 +41,6 @@ TINY: dict[str, Any] = {
     "mask_ratios": {"brick": 0.2, "grass": 0.3, "washer": 0.45},
 }
 QUIET: dict[str, Any] = {"logger": False, "devices": 1, "accelerator": "cpu", "enable_progress_bar": False}
-
-
-def table(root: Path) -> pd.DataFrame:
-    csvs = sorted(root.rglob("per_category_metrics.csv"), key=lambda p: p.stat().st_mtime)
-    assert csvs, "per-category table not saved"
-    return pd.read_csv(csvs[-1]).set_index("category")
 
 
 class LossRecorder(Callback):
@@ -114,7 +107,7 @@ def test_prototypes_come_from_one_full_pass_over_the_training_set(fitted: dict[s
     torch.testing.assert_close(model.model.protoflow.bank.labels, kept)
 
 
-def test_learning_check_multi_class(tmp_path: Path) -> None:
+def test_learning_check_multi_class(tmp_path: Path, latest_category_table: Any) -> None:  # noqa: ANN401
     """Both losses fall and the image AUROC beats a floor, with real (lite0) features for ProtoFlow.
 
     Floors: mean image AUROC >= 0.55 and mean pixel AUROC >= 0.65 (0.5 is chance). Why so low: the masked image model sees
@@ -136,7 +129,7 @@ def test_learning_check_multi_class(tmp_path: Path) -> None:
     assert np.mean(recorder.token[-3:]) < 0.9 * np.mean(recorder.token[:3]), recorder.token
     assert np.mean(recorder.flow[-3:]) < np.mean(recorder.flow[:3]), recorder.flow
     engine.test(model=model, datamodule=dm)
-    result = table(tmp_path)
+    result = latest_category_table(tmp_path)
     print(result.to_string())
     assert result.loc["mean", "image_AUROC"] >= 0.55, result
     assert result.loc["mean", "pixel_AUROC"] >= 0.65, result
@@ -152,7 +145,7 @@ def test_learning_check_multi_class(tmp_path: Path) -> None:
     assert right >= 0.9 * total, (right, total)
 
 
-def test_cross_class_with_few_shot_prototypes(fitted: dict[str, Any], synthetic_root: Path, tmp_path: Path) -> None:
+def test_cross_class_with_few_shot_prototypes(fitted: dict[str, Any], synthetic_root: Path, tmp_path: Path, latest_category_table: Any) -> None:  # noqa: ANN401
     """Train on textures, test on an object never seen in training; its 2-shot support images become prototypes."""
     seed_everything(0)
     dm = MultiClassDataModule(root=synthetic_root, categories=["brick", "grass"], test_categories=["washer"], support_shots=2, train_batch_size=8, eval_batch_size=8, num_workers=0)
@@ -162,7 +155,7 @@ def test_cross_class_with_few_shot_prototypes(fitted: dict[str, Any], synthetic_
     assert set(model.model.protoflow.bank.labels.tolist()) == {0, 1}
     engine.test(model=model, datamodule=dm)
     assert set(model.model.protoflow.bank.labels.tolist()) == {0, 1, 2}  # washer's support prototypes added
-    result = table(tmp_path)
+    result = latest_category_table(tmp_path)
     assert set(result.index) == {"washer", "mean"}
     assert np.isfinite(result.loc["washer", "image_AUROC"])
     assert result.loc["mean", "image_AUROC"] == result.loc["washer", "image_AUROC"]

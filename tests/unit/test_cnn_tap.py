@@ -112,5 +112,5 @@ def test_grid_features_is_the_one_resize_of_maskad_and_mintad() -> None:
     torch.testing.assert_close(bilinear, expected)
     torch.testing.assert_close(area, torch.cat([F.avg_pool2d(m, m.shape[-1] // 8) for m in maps], dim=1))
     assert bilinear.shape == (2, tap.out_channels, 8, 8)
-    with pytest.raises(ValueError, match="resize must be 'bilinear' or 'area'"):
+    with pytest.raises(ValueError, match=r"resize must be one of \('bilinear', 'area'\)"):
         tap.grid_features(x, 8, "nearest")

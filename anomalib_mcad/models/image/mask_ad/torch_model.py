@@ -36,7 +36,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_mcad.models.components.cnn import CNNFeatureTap
+from anomalib_mcad.models.components.cnn import GRID_RESIZE_MODES, CNNFeatureTap
 from anomalib_mcad.models.components.coreset import NearestNeighbourBank
 from anomalib_mcad.models.components.flow import ConditionalFlow
 from anomalib_mcad.models.components.masking import BlockwiseMaskGenerator, RandomMaskGenerator
@@ -240,8 +240,8 @@ class MaskAdModel(nn.Module):
         if not 0.0 <= ot_weight <= 1.0:
             msg = f"ot_weight must lie in [0, 1], got {ot_weight}"
             raise ValueError(msg)
-        if feature_resize not in ("bilinear", "area"):
-            msg = f"feature_resize must be 'bilinear' or 'area', got {feature_resize!r}"
+        if feature_resize not in GRID_RESIZE_MODES:
+            msg = f"feature_resize must be one of {GRID_RESIZE_MODES}, got {feature_resize!r}"
             raise ValueError(msg)
         if not (use_rec or use_assdis or use_reference):
             msg = "at least one of use_rec, use_assdis, use_reference must be on: the score would be empty"
