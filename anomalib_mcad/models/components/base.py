@@ -284,8 +284,9 @@ class McadModule(AnomalibModule):
       scoring arithmetic stays FP32 (:data:`FP32_OPERATIONS`, the one-channel convolutions that
       smooth score maps, and the distance products of nearest-entry searches:
       :func:`nearest_neighbour_matmuls`), without which small reconstruction differences drown
-      in quantization noise. NNCF's preset is the
-      class attribute ``int8_preset``.
+      in quantization noise; so does the feature network computing the query of a search whose
+      result feeds later products, and with ``int8_fp32_after_search`` what that result feeds
+      (:func:`search_operations`). NNCF's preset is the class attribute ``int8_preset``.
     * What every model of ours does alike: validation scores the images alone (no labels),
       trainer arguments (gradient clipping from the ``gradient_clip_val`` hyperparameter, no
       sanity validation; the training length is the user's) and the one-class learning type.
