@@ -89,8 +89,11 @@ def run(name: str, mode: str, root: Path, out: Path, steps: int, batch: int) -> 
     )
     model = get_model(name, **model_kwargs(name))
     recorder = Recorder()
+    # one folder per rank: anomalib's Engine.fit creates the next versioned folder (v0, v1, ...) on every rank, and
+    # two ranks doing so at the same moment collide (FileExistsError on one rank, which then left the DDP launch)
+    folder = out / f"{mode}_{name}" / f"rank{os.environ.get('LOCAL_RANK', '0')}" if ddp else out / f"{mode}_{name}"
     engine = Engine(
-        logger=False, default_root_dir=out / f"{mode}_{name}", max_steps=steps, accelerator="cpu",
+        logger=False, default_root_dir=folder, max_steps=steps, accelerator="cpu",
         devices=2 if ddp else 1, strategy="ddp" if ddp else "auto", enable_progress_bar=False,
         enable_model_summary=False, callbacks=[recorder],
     )  # fmt: skip
