@@ -190,16 +190,26 @@ def block_rows(n_memory: int, chunk_size: int) -> int:
     return max(1, min(int(chunk_size), DISTANCE_BLOCK_ELEMENTS // max(1, int(n_memory))))
 
 
-def squared_distances(query: torch.Tensor, memory: torch.Tensor, memory_sq: torch.Tensor) -> torch.Tensor:
+def _in_place_allowed(*tensors: torch.Tensor) -> bool:
+    """True outside export and autograd: a distance block may then be formed and masked in place."""
+    return not (is_exporting() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
+def squared_distances(query: torch.Tensor, memory: torch.Tensor, memory_sq: torch.Tensor, query_norm: bool = True) -> torch.Tensor:
     """``|q|^2 - 2 q m^T + |m|^2`` (Q, M) for query rows (Q, D), memory rows (M, D) and their squared norms (M,).
 
-    Outside export and autograd the sum is formed in place in the matmul's output, one (Q, M)
-    buffer instead of three, with the same rounding (``-b + a`` is ``a - b`` in IEEE arithmetic).
+    ``query_norm=False`` leaves out ``|q|^2``, which does not change which row is nearest (a search
+    adds it to the minimum only). Outside export and autograd the sum is formed in place in the
+    matmul's output, one (Q, M) buffer instead of three, with the same rounding (``-b + a`` is
+    ``a - b`` in IEEE arithmetic, and ``(2 q) m^T`` is ``2 (q m^T)``).
     """
-    query_sq = (query * query).sum(1, keepdim=True)
-    if is_exporting() or (torch.is_grad_enabled() and (query.requires_grad or memory.requires_grad)):
-        return query_sq - 2.0 * query @ memory.T + memory_sq
-    return ((2.0 * query) @ memory.T).neg_().add_(query_sq).add_(memory_sq)
+    if not _in_place_allowed(query, memory):
+        product = 2.0 * query @ memory.T
+        return (query * query).sum(1, keepdim=True) - product + memory_sq if query_norm else memory_sq - product
+    block = ((2.0 * query) @ memory.T).neg_()
+    if query_norm:
+        block.add_((query * query).sum(1, keepdim=True))
+    return block.add_(memory_sq)
 
 
 class NearestNeighbourBank(nn.Module):
@@ -208,10 +218,10 @@ class NearestNeighbourBank(nn.Module):
     Buffers ``memory`` (M, D) and ``labels`` (M,) are empty until :meth:`fit`; they are saved in
     the state dict and resized when a checkpoint is loaded, as anomalib's PatchCore does.
 
-    The search is ``|m|^2 - 2 q m^T`` followed by :func:`blockwise_min` and a gather, and
-    ``|q|^2`` is added to the minimum only (it does not change which row is nearest, and one
-    pass over the distance matrix less is 4 ms of a 28,000-row search): no data-dependent
-    Python branching, so it exports. Restricting to a category sets the other rows' distances
+    The search is ``|m|^2 - 2 q m^T`` followed by its row minimum (:func:`blockwise_min` in an
+    exported graph) and a gather, and ``|q|^2`` is added to the minimum only (it does not change
+    which row is nearest, and one pass over the distance matrix less is 4 ms of a 28,000-row
+    search): no data-dependent Python branching, so it exports. Restricting to a category sets the other rows' distances
     to +inf.
 
     Args:
@@ -296,11 +306,10 @@ class NearestNeighbourBank(nn.Module):
             per_item = flat.shape[0] // query.shape[0]
             row_category = category.to(self.labels.device).long().repeat_interleave(per_item)
         memory, memory_sq, labels = self.memory, (self.memory * self.memory).sum(1), self.labels
-        block = search_block(memory.shape[0])
         if is_exporting():
-            # The table padded to whole blocks of the search (zero rows at +inf, label -1): folded
-            # constants of the graph, so the distance matrix needs no run-time padding. (Eager
-            # code pads each distance chunk instead of copying the table at every call.)
+            # The table padded to whole blocks of the two-stage minimum (zero rows at +inf, label -1):
+            # folded constants of the graph, so the distance matrix needs no run-time padding.
+            block = search_block(memory.shape[0])
             pad = -memory.shape[0] % block
             memory, labels = F.pad(memory, (0, 0, 0, pad)), F.pad(labels, (0, pad), value=-1)
             memory_sq = F.pad(memory_sq, (0, pad), value=float("inf"))
@@ -309,11 +318,13 @@ class NearestNeighbourBank(nn.Module):
         dists, idxs = [], []
         for start in range(0, flat.shape[0], step) if not is_exporting() else [0]:
             chunk = flat[start : start + step] if not is_exporting() else flat
-            partial = memory_sq - 2.0 * chunk @ memory.T
+            partial = squared_distances(chunk, memory, memory_sq, query_norm=False)
             if category is not None:
                 rows = row_category[start : start + step] if not is_exporting() else row_category
-                partial = partial.masked_fill(rows[:, None] != labels[None, :], float("inf"))
-            dist, idx = blockwise_min(partial, block)
+                other = rows[:, None] != labels[None, :]
+                partial = partial.masked_fill_(other, float("inf")) if _in_place_allowed(chunk, memory) else partial.masked_fill(other, float("inf"))
+            # OpenVINO runs an exported argmin as a slow stable TopK (blockwise_min); eager torch's min is one pass, no copy
+            dist, idx = blockwise_min(partial, block) if is_exporting() else partial.min(dim=1)
             dists.append(dist + (chunk * chunk).sum(1))
             idxs.append(idx)
         sq_dist = torch.cat(dists)
